@@ -1,0 +1,73 @@
+"""Typed options of a compression run, validated once where they are made."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from onnxcomp.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+class Granularity(str, enum.Enum):
+    """How many weights share one scale."""
+
+    TENSOR = "tensor"
+    CHANNEL = "channel"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Options of the weight quantization pass (and of the passes it needs first)."""
+
+    bits: int = 8
+    granularity: Granularity = Granularity.CHANNEL
+    block_size: int = 32
+    asymmetric: bool = False
+    exclude: str | None = None
+    min_elements: int = 0
+    keep_first_last_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(
+                f"--bits {self.bits} is not supported; choose one of "
+                f"{', '.join(map(str, SUPPORTED_BITS))}"
+            )
+        if self.keep_first_last_bits is not None and self.keep_first_last_bits not in SUPPORTED_BITS:
+            raise ConfigError(
+                f"--keep-first-last-bits {self.keep_first_last_bits} is not supported; choose one of "
+                f"{', '.join(map(str, SUPPORTED_BITS))}"
+            )
+        if self.granularity is Granularity.BLOCK:
+            size = self.block_size
+            if size < 2 or size & (size - 1):
+                raise ConfigError(
+                    f"--block-size {size} is not a power of two >= 2; onnxruntime's blockwise "
+                    "kernels need one (for example 32, 64 or 128)"
+                )
+        if self.min_elements < 0:
+            raise ConfigError(f"--min-elements {self.min_elements} is negative; use 0 or more")
+        if self.exclude is not None:
+            try:
+                re.compile(self.exclude)
+            except re.error as err:
+                raise ConfigError(f"--exclude {self.exclude!r} is not a valid regular expression: {err}") from None
+
+    @property
+    def all_bits(self) -> tuple[int, ...]:
+        """Every bit width the output model will hold."""
+        extra = () if self.keep_first_last_bits is None else (self.keep_first_last_bits,)
+        return (self.bits, *extra)
+
+    @property
+    def required_opset(self) -> int:
+        """The lowest default-domain opset whose DequantizeLinear takes what we emit."""
+        if min(self.all_bits) <= 2:
+            return 25
+        if min(self.all_bits) <= 4 or self.granularity is Granularity.BLOCK:
+            return 21
+        return 13

@@ -1,0 +1,79 @@
+"""Per-layer weight statistics: what decides how well a layer quantizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.kernels.quantize import Quantized, dequantize
+from onnxcomp.layers import find_weight_layers
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    layer: str
+    op: str
+    storage: str  # the stored element type: float32, int4, ...
+    shape: tuple[int, ...]
+    min: float
+    max: float
+    std: float
+    max_over_std: float  # max|w| / std: how far the extremes stretch the grid
+    kurtosis: float  # excess kurtosis: 0 for a normal distribution, large for heavy tails
+
+
+def weight_stats(layer: str, op: str, storage: str, w: np.ndarray) -> WeightStats:
+    w64 = w.astype(np.float64).ravel()
+    std = float(w64.std()) if w64.size else 0.0
+    centred = w64 - w64.mean() if w64.size else w64
+    kurt = float(np.mean(centred**4) / std**4 - 3.0) if std > 0 else 0.0
+    peak = float(np.abs(w64).max()) if w64.size else 0.0
+    return WeightStats(
+        layer, op, storage, tuple(int(d) for d in w.shape),
+        float(w64.min()) if w64.size else 0.0, float(w64.max()) if w64.size else 0.0,
+        std, peak / std if std > 0 else 0.0, kurt,
+    )
+
+
+def _dequantized(node: ir.Node) -> np.ndarray | None:
+    """The float weight a DequantizeLinear over constants decodes to."""
+    values = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in node.inputs]
+    if any(v is None for v in values[:2]):
+        return None
+    q, scale = values[0].astype(np.int32), values[1]
+    zp = values[2].astype(np.int32) if len(values) > 2 and values[2] is not None else None
+    axis_attr, block_attr = node.attributes.get("axis"), node.attributes.get("block_size")
+    block = block_attr.as_int() if block_attr is not None and block_attr.as_int() > 0 else None
+    axis = None if scale.ndim == 0 or scale.size == 1 else (axis_attr.as_int() if axis_attr is not None else 1) % q.ndim
+    return dequantize(Quantized(q, scale, zp, axis, block))
+
+
+def model_stats(model: ir.Model) -> list[WeightStats]:
+    """Stats of every float layer weight, and of every weight stored quantized (decoded)."""
+    stats = []
+    for layer in find_weight_layers(model.graph):
+        w = layer.weight.const_value.numpy()
+        stats.append(weight_stats(layer.name, layer.node.op_type, layer.weight.dtype.name.lower(), w))
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type != "DequantizeLinear":
+            continue
+        w = _dequantized(node)
+        if w is None:
+            continue
+        users = [user.op_type for out in node.outputs for user, _ in out.uses()]
+        stats.append(weight_stats(node.inputs[0].name, "/".join(users) or "-", node.inputs[0].dtype.name.lower(), w))
+    return stats
+
+
+def stats_table(stats: list[WeightStats]) -> str:
+    header = ("layer", "op", "stored", "shape", "min", "max", "std", "max/std", "kurtosis")
+    rows = [header] + [
+        (s.layer[-48:], s.op, s.storage, "x".join(map(str, s.shape)), f"{s.min:.4g}", f"{s.max:.4g}", f"{s.std:.4g}", f"{s.max_over_std:.2f}", f"{s.kurtosis:.2f}")
+        for s in stats
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

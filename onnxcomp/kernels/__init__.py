@@ -1,0 +1,1 @@
+"""Pure array maths, no graphs: each function takes and returns numpy arrays."""

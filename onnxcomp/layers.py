@@ -1,0 +1,71 @@
+"""Finding the layers whose constant weight can be quantized, and their weight layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class WeightLayer:
+    """A node with a constant weight, and which weight axes mean what.
+
+    `channel_axis` indexes output channels (one scale each, per-channel);
+    `reduction_axis` is the axis the layer sums over (blocks run along it).
+    """
+
+    node: ir.Node
+    weight: ir.Value
+    channel_axis: int
+    reduction_axis: int
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.weight.name or "?"
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def constant_weight(value: ir.Value | None) -> bool:
+    """True for an initializer with data, of a float type, that is not a graph input."""
+    return (
+        value is not None
+        and value.const_value is not None
+        and value.is_initializer()
+        and not value.is_graph_input()
+        and value.dtype in FLOAT_TYPES
+    )
+
+
+def weight_layer(node: ir.Node) -> WeightLayer | None:
+    """The layer view of one node, or None when it has no quantizable constant weight."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    inputs = node.inputs
+    if op in ("Conv", "ConvTranspose") and len(inputs) > 1 and constant_weight(inputs[1]):
+        # Conv: (M, C/g, k...) sums over C/g; ConvTranspose: (C, M/g, k...) sums over C.
+        if op == "Conv":
+            return WeightLayer(node, inputs[1], channel_axis=0, reduction_axis=1)
+        return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
+    if op == "Gemm" and len(inputs) > 1 and constant_weight(inputs[1]):
+        if _attr_int(node, "transB", 0):
+            return WeightLayer(node, inputs[1], channel_axis=0, reduction_axis=1)
+        return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
+    if op == "MatMul" and len(inputs) > 1 and constant_weight(inputs[1]) and len(inputs[1].shape or ()) == 2:
+        return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
+    if op == "Gather" and constant_weight(inputs[0]) and len(inputs[0].shape or ()) == 2 and _attr_int(node, "axis", 0) == 0:
+        # An embedding table: one scale per row, blocks along the embedding dimension.
+        return WeightLayer(node, inputs[0], channel_axis=0, reduction_axis=1)
+    return None
+
+
+def find_weight_layers(graph: ir.Graph) -> list[WeightLayer]:
+    """Every quantizable layer of the graph and its subgraphs, in graph order."""
+    return [layer for node in ir.traversal.RecursiveGraphIterator(graph) if (layer := weight_layer(node))]

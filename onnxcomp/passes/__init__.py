@@ -1,0 +1,1 @@
+"""Graph passes, one job each; they never print, they append to a Report."""

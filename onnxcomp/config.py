@@ -32,6 +32,11 @@ class QuantConfig:
     keep_first_last_bits: int | None = None
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "granularity", Granularity(self.granularity))
+        except ValueError:
+            choices = ", ".join(g.value for g in Granularity)
+            raise ConfigError(f"--granularity {self.granularity} is not supported; choose one of {choices}") from None
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(
                 f"--bits {self.bits} is not supported; choose one of "

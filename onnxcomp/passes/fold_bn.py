@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_conv_rule,
@@ -137,6 +138,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         before = _count_bn(model)
         if before == 0:
             return ir.passes.PassResult(model, modified=False)
+        ShapeInferencePass()(model)  # MatMul folds need to know their output is rank 2
         names = _absorbing_names(model)
         RULES.apply_to_model(model)
         _restore_names(names)

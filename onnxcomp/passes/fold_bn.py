@@ -44,8 +44,7 @@ class _FoldBnIntoMatMul(pattern.RewriteRuleClassBase):
         return op.BatchNormalization(op.MatMul(x, w, _outputs=["mm_out"]), _allow_other_inputs=True, _outputs=["bn_out"])
 
     def check(self, context, x, w, mm_out, bn_out, **_):
-        result = pattern.MatchResult()
-        return _check_matmul(result, x, w, None, mm_out, bn_out)
+        return _check_matmul(pattern.MatchResult(), x, w, mm_out, bn_out)
 
     def rewrite(self, op, x, w, mm_out, bn_out, **_):
         return _rewrite_matmul(op, x, w, None, bn_out)
@@ -60,16 +59,16 @@ class _FoldBnIntoMatMulAdd(pattern.RewriteRuleClassBase):
         )
 
     def check(self, context, x, w, b, mm_out, bn_out, **_):
-        result = pattern.MatchResult()
-        if b.const_value is None or b.const_value.numpy().size not in (1, w.shape[1]):
+        result = _check_matmul(pattern.MatchResult(), x, w, mm_out, bn_out)
+        if result and (b.const_value is None or b.const_value.numpy().size not in (1, w.shape[1])):
             return result.fail("the bias is not a constant per output channel")
-        return _check_matmul(result, x, w, b, mm_out, bn_out)
+        return result
 
     def rewrite(self, op, x, w, b, mm_out, bn_out, **_):
         return _rewrite_matmul(op, x, w, b, bn_out)
 
 
-def _check_matmul(result, x, w, b, mm_out, bn_out):
+def _check_matmul(result, x, w, mm_out, bn_out):
     bn = bn_out.producer()
     if not constant_weight(w) or len(w.shape) != 2:
         return result.fail("the MatMul weight is not a constant matrix")

@@ -9,7 +9,7 @@ import pytest
 
 from onnxcomp.kernels.quantize import dequantize, grid_for, quantize
 from onnxcomp.layers import WeightLayer
-from onnxcomp.passes.quantize_weights import _Names, emit_dequantize
+from onnxcomp.passes.quantize_weights import NameAllocator, emit_dequantize
 from onnxcomp.runtime import make_session, run
 
 
@@ -20,7 +20,7 @@ def _dq_model(w: np.ndarray, bits: int, asymmetric: bool, axis, block):
     matmul = ir.node("MatMul", [x, weight], name="mm")
     graph = ir.Graph([x], [], nodes=[matmul], initializers=[weight], opset_imports={"": 25}, name="g")
     qt = quantize(w, grid_for(bits, asymmetric), axis=axis, block_size=block)
-    out = emit_dequantize(graph, _Names(graph), WeightLayer(matmul, weight, 1, 0), qt, bits)
+    out = emit_dequantize(graph, NameAllocator(graph), WeightLayer(matmul, weight, 1, 0), qt, bits)
     matmul.replace_input_with(1, out)
     graph.outputs.append(out)
     matmul.outputs[0].name = "y"

@@ -150,6 +150,13 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=folded > 0)
 
 
+def _behind_bias_add(node: ir.Node | None) -> ir.Node | None:
+    """The layer of a `layer + bias` Add (the MatMul before it), else the node itself."""
+    if node is not None and node.op_type == "Add" and node.inputs[0] is not None and node.inputs[0].producer() is not None:
+        return node.inputs[0].producer()
+    return node
+
+
 def _absorbing_names(model: ir.Model) -> list[tuple[ir.Node, int, str]]:
     """For each BatchNormalization, one (consumer, input index) of its output and the name of
     the layer before it, so the rewritten layer can keep the name the user knows."""
@@ -157,9 +164,7 @@ def _absorbing_names(model: ir.Model) -> list[tuple[ir.Node, int, str]]:
     for node in model.graph.all_nodes():
         if node.op_type != "BatchNormalization" or node.inputs[0].producer() is None:
             continue
-        producer = node.inputs[0].producer()
-        if producer.op_type == "Add" and producer.inputs[0] is not None and producer.inputs[0].producer() is not None:
-            producer = producer.inputs[0].producer()
+        producer = _behind_bias_add(node.inputs[0].producer())
         uses = list(node.outputs[0].uses())
         if uses and producer.name:
             found.append((uses[0][0], uses[0][1], producer.name))
@@ -168,12 +173,8 @@ def _absorbing_names(model: ir.Model) -> list[tuple[ir.Node, int, str]]:
 
 def _restore_names(found: list[tuple[ir.Node, int, str]]) -> None:
     for consumer, index, name in found:
-        new = consumer.inputs[index].producer()
-        if new is None:
-            continue
-        if new.op_type == "Add" and new.inputs[0] is not None and new.inputs[0].producer() is not None:
-            new = new.inputs[0].producer()
-        if new.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        new = _behind_bias_add(consumer.inputs[index].producer())
+        if new is not None and new.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             new.name = name
 
 

@@ -32,7 +32,7 @@ def storage_bits(bits: int) -> int:
     return 4 if bits == 3 else bits
 
 
-class _Names:
+class NameAllocator:
     """Hands out value names not yet used in the model."""
 
     def __init__(self, graph: ir.Graph):
@@ -93,7 +93,7 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataTy
     return value
 
 
-def emit_dequantize(graph: ir.Graph, names: _Names, layer: WeightLayer, qt: Quantized, bits: int) -> ir.Value:
+def emit_dequantize(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, qt: Quantized, bits: int) -> ir.Value:
     """Add the packed codes, scale, zero point and a DequantizeLinear; return its output."""
     signed = qt.zero_point is None
     onnx_type, np_type = _STORAGE[(storage_bits(bits), signed)]
@@ -141,7 +141,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         graph = model.graph
         layers = find_weight_layers(graph)
         check_block_size(layers, self.config)
-        names = _Names(graph)
+        names = NameAllocator(graph)
         modified = False
         edge = {id(layers[0]), id(layers[-1])} if layers and self.config.keep_first_last_bits else set()
         for layer in tqdm(layers, desc="quantize", unit="layer", disable=not self.progress or len(layers) < 8, leave=False):
@@ -151,7 +151,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             modified |= record.bits is not None
         return ir.passes.PassResult(model, modified=modified)
 
-    def _quantize_layer(self, graph: ir.Graph, names: _Names, layer: WeightLayer, bits: int) -> LayerRecord:
+    def _quantize_layer(self, graph: ir.Graph, names: NameAllocator, layer: WeightLayer, bits: int) -> LayerRecord:
         w = layer.weight.const_value.numpy()
         record = LayerRecord(
             name=layer.name,

@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from onnxcomp.kernels.quantize import Quantized, dequantize
 from onnxcomp.layers import find_weight_layers
+from onnxcomp.report import format_table
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,4 @@ def stats_table(stats: list[WeightStats]) -> str:
         (s.layer[-48:], s.op, s.storage, "x".join(map(str, s.shape)), f"{s.min:.4g}", f"{s.max:.4g}", f"{s.std:.4g}", f"{s.max_over_std:.2f}", f"{s.kurtosis:.2f}")
         for s in stats
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows)

@@ -65,9 +65,7 @@ class Report:
                     f"{r.bytes_after:,}",
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = format_table(rows).splitlines()
         for r in self.layers:
             if r.note:
                 lines.append(f"note: {r.name}: {r.note}")
@@ -77,6 +75,14 @@ class Report:
             lines.append("")
             lines.extend(f"{key}: {value}" for key, value in self.totals.items())
         return "\n".join(lines)
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, the first row a header underlined with dashes."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _clip(text: str, width: int) -> str:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 from onnxcomp import feeds as feeds_mod
 from onnxcomp.modelio import load_model
@@ -42,13 +43,12 @@ def fidelity(name: str, ref: np.ndarray, out: np.ndarray) -> OutputFidelity:
     return OutputFidelity(name, mean_cosine(ref, out), snr, float(np.max(np.abs(r - o))) if r.size else 0.0)
 
 
-def feeds_for(reference: str | os.PathLike, session, inputs: str | os.PathLike | None) -> tuple[dict[str, np.ndarray], str]:
+def feeds_for(reference: ir.Model, session, inputs: str | os.PathLike | None) -> tuple[dict[str, np.ndarray], str]:
     """The user's feeds, checked against the model, or synthetic ones; and where they came from."""
     specs = feeds_mod.input_specs(session)
     if inputs is not None:
         return feeds_mod.check_feeds(feeds_mod.load_npz(inputs), specs, str(inputs)), str(inputs)
-    bounds = feeds_mod.index_bounds(load_model(reference))
-    return feeds_mod.synthetic_feeds(specs, bounds), "synthetic"
+    return feeds_mod.synthetic_feeds(specs, feeds_mod.index_bounds(reference)), "synthetic"
 
 
 def verify(
@@ -59,8 +59,10 @@ def verify(
     device: str = "cpu",
 ) -> tuple[list[OutputFidelity], str]:
     """Run both models on the same feeds; fidelity per output of the reference."""
+    reference_model = load_model(reference)
+    load_model(candidate)  # a clear error for a bad file before onnxruntime's own
     ref_session = make_session(reference, accuracy_level, device)
     cand_session = make_session(candidate, accuracy_level, device)
-    feeds, source = feeds_for(reference, ref_session, inputs)
+    feeds, source = feeds_for(reference_model, ref_session, inputs)
     ref_out, cand_out = run(ref_session, feeds), run(cand_session, feeds)
     return [fidelity(name, ref_out[name], cand_out[name]) for name in ref_out], source

@@ -22,7 +22,8 @@ from onnxscript.rewriter.rules.common import (
 from onnxcomp.layers import constant_weight
 from onnxcomp.report import Report
 
-_FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_FOLDABLE = (*_LAYERS, "Add")
 
 
 def _bn_scale_shift(bn: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,14 +135,14 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         self.report = report
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = _count_bn(model)
+        before = len(_batchnorms(model))
         if before == 0:
             return ir.passes.PassResult(model, modified=False)
         ShapeInferencePass()(model)  # MatMul folds need to know their output is rank 2
         names = _absorbing_names(model)
         RULES.apply_to_model(model)
         _restore_names(names)
-        left = [node for node in model.graph.all_nodes() if node.op_type == "BatchNormalization"]
+        left = _batchnorms(model)
         folded = before - len(left)
         if folded:
             self.report.note("fold-bn", "BatchNormalization", f"{folded} of {before} folded into the layer before")
@@ -161,8 +162,8 @@ def _absorbing_names(model: ir.Model) -> list[tuple[ir.Node, int, str]]:
     """For each BatchNormalization, one (consumer, input index) of its output and the name of
     the layer before it, so the rewritten layer can keep the name the user knows."""
     found = []
-    for node in model.graph.all_nodes():
-        if node.op_type != "BatchNormalization" or node.inputs[0].producer() is None:
+    for node in _batchnorms(model):
+        if node.inputs[0].producer() is None:
             continue
         producer = _behind_bias_add(node.inputs[0].producer())
         uses = list(node.outputs[0].uses())
@@ -174,9 +175,9 @@ def _absorbing_names(model: ir.Model) -> list[tuple[ir.Node, int, str]]:
 def _restore_names(found: list[tuple[ir.Node, int, str]]) -> None:
     for consumer, index, name in found:
         new = _behind_bias_add(consumer.inputs[index].producer())
-        if new is not None and new.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if new is not None and new.op_type in _LAYERS:
             new.name = name
 
 
-def _count_bn(model: ir.Model) -> int:
-    return sum(1 for node in model.graph.all_nodes() if node.op_type == "BatchNormalization")
+def _batchnorms(model: ir.Model) -> list[ir.Node]:
+    return [node for node in model.graph.all_nodes() if node.op_type == "BatchNormalization"]

@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(MINILM): $(STAMP) scripts/export_minilm.py models/sentences_eval.txt
+$(MINILM): $(STAMP) scripts/export_minilm.py models/sentences_eval.txt models/sentences_calib.txt
 	$(PY) scripts/export_minilm.py --out build/minilm
 
 minilm: $(MINILM)

@@ -26,6 +26,15 @@ class WeightLayer:
     def name(self) -> str:
         return self.node.name or self.weight.name or "?"
 
+    @property
+    def data(self) -> ir.Value | None:
+        """The activation the weight multiplies; None for an embedding lookup."""
+        return None if self.node.op_type == "Gather" else self.node.inputs[0]
+
+    @property
+    def groups(self) -> int:
+        return _attr_int(self.node, "group", 1) if self.node.op_type in ("Conv", "ConvTranspose") else 1
+
 
 def _attr_int(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
@@ -43,29 +52,50 @@ def constant_weight(value: ir.Value | None) -> bool:
     )
 
 
-def weight_layer(node: ir.Node) -> WeightLayer | None:
-    """The layer view of one node, or None when it has no quantizable constant weight."""
+def dequantized_constant(value: ir.Value | None) -> bool:
+    """True for the output of a DequantizeLinear of initializers: a weight already quantized."""
+    producer = value.producer() if value is not None else None
+    return (
+        producer is not None
+        and producer.op_type == "DequantizeLinear"
+        and all(v is None or v.const_value is not None for v in producer.inputs)
+    )
+
+
+def weight_layer(node: ir.Node, include_quantized: bool = False) -> WeightLayer | None:
+    """The layer view of one node, or None when it has no quantizable constant weight.
+
+    With `include_quantized`, a weight that is already DequantizeLinear(initializers) counts too.
+    """
     if node.domain not in ("", "ai.onnx"):
         return None
     op = node.op_type
     inputs = node.inputs
-    if op in ("Conv", "ConvTranspose") and len(inputs) > 1 and constant_weight(inputs[1]):
+
+    def usable(value: ir.Value | None) -> bool:
+        return constant_weight(value) or (include_quantized and dequantized_constant(value))
+
+    if op in ("Conv", "ConvTranspose") and len(inputs) > 1 and usable(inputs[1]):
         # Conv: (M, C/g, k...) sums over C/g; ConvTranspose: (C, M/g, k...) sums over C.
         if op == "Conv":
             return WeightLayer(node, inputs[1], channel_axis=0, reduction_axis=1)
         return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
-    if op == "Gemm" and len(inputs) > 1 and constant_weight(inputs[1]):
+    if op == "Gemm" and len(inputs) > 1 and usable(inputs[1]):
         if _attr_int(node, "transB", 0):
             return WeightLayer(node, inputs[1], channel_axis=0, reduction_axis=1)
         return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
-    if op == "MatMul" and len(inputs) > 1 and constant_weight(inputs[1]) and len(inputs[1].shape or ()) == 2:
+    if op == "MatMul" and len(inputs) > 1 and usable(inputs[1]) and len(inputs[1].shape or ()) == 2:
         return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
-    if op == "Gather" and constant_weight(inputs[0]) and len(inputs[0].shape or ()) == 2 and _attr_int(node, "axis", 0) == 0:
+    if op == "Gather" and usable(inputs[0]) and len(inputs[0].shape or ()) == 2 and _attr_int(node, "axis", 0) == 0:
         # An embedding table: one scale per row, blocks along the embedding dimension.
         return WeightLayer(node, inputs[0], channel_axis=0, reduction_axis=1)
     return None
 
 
-def find_weight_layers(graph: ir.Graph) -> list[WeightLayer]:
+def find_weight_layers(graph: ir.Graph, include_quantized: bool = False) -> list[WeightLayer]:
     """Every quantizable layer of the graph and its subgraphs, in graph order."""
-    return [layer for node in ir.traversal.RecursiveGraphIterator(graph) if (layer := weight_layer(node))]
+    return [
+        layer
+        for node in ir.traversal.RecursiveGraphIterator(graph)
+        if (layer := weight_layer(node, include_quantized))
+    ]

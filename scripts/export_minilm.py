@@ -4,7 +4,8 @@
 
 Writes minilm.onnx (inputs input_ids, attention_mask, token_type_ids; output
 sentence_embedding: mean pooling then L2 normalization, as sentence-transformers does)
-and eval.npz, the tokenized sentences of models/sentences_eval.txt. Runs offline: the
+eval.npz and calib.npz, the tokenized sentences of models/sentences_eval.txt and of the
+disjoint models/sentences_calib.txt (128 sentences for calibration). Runs offline: the
 weights come from the installed package, never from a hub.
 """
 
@@ -59,6 +60,8 @@ def main() -> None:
     sentences = (ROOT / "models" / "sentences_eval.txt").read_text().strip().splitlines()
     feeds = tokenize(tokenizer, sentences)
     np.savez(args.out / "eval.npz", **feeds)
+    calib = (ROOT / "models" / "sentences_calib.txt").read_text().strip().splitlines()
+    np.savez(args.out / "calib.npz", **tokenize(tokenizer, calib))
     example = tuple(torch.from_numpy(feeds[name][:2]) for name in INPUTS)
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
     axes["sentence_embedding"] = {0: "batch"}
@@ -68,7 +71,7 @@ def main() -> None:
         input_names=list(INPUTS), output_names=["sentence_embedding"], dynamic_axes=axes,
     )
     os.replace(tmp, args.out / "minilm.onnx")
-    print(f"wrote {args.out / 'minilm.onnx'} and {args.out / 'eval.npz'} ({len(sentences)} sentences)")
+    print(f"wrote {args.out / 'minilm.onnx'}, eval.npz ({len(sentences)} sentences), calib.npz ({len(calib)})")
 
 
 if __name__ == "__main__":

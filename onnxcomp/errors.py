@@ -23,3 +23,7 @@ class OpsetConversionError(OnnxcompError):
 
 class InputMismatchError(OnnxcompError):
     """User-supplied feeds do not match the model's inputs by name, dtype or shape."""
+
+
+class CalibrationError(OnnxcompError):
+    """Calibration could not run: empty data, or NaN/Inf appearing inside the model."""

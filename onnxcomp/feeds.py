@@ -6,30 +6,26 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+import onnx_ir as ir
 
 from onnxcomp.errors import InputMismatchError
 
-# onnxruntime's type strings → numpy dtypes.
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
+Specs = dict[str, tuple[np.dtype, list]]
 
 
-def input_specs(session: ort.InferenceSession) -> dict[str, tuple[np.dtype, list]]:
-    """Name → (dtype, shape with None or a dim name for free dimensions)."""
+def input_specs(model: ir.Model) -> Specs:
+    """Name → (numpy dtype, shape with a str or None for free dimensions), for every graph
+    input that is not also an initializer."""
     specs = {}
-    for arg in session.get_inputs():
-        if arg.type not in _ORT_DTYPES:
-            raise InputMismatchError(f"input {arg.name!r} has type {arg.type}, which onnxcomp cannot feed yet")
-        specs[arg.name] = (np.dtype(_ORT_DTYPES[arg.type]), list(arg.shape))
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        try:
+            dtype = np.dtype(value.dtype.numpy())
+        except (AttributeError, TypeError):
+            raise InputMismatchError(f"input {value.name!r} has type {value.type}, which onnxcomp cannot feed") from None
+        shape = [] if value.shape is None else [d if isinstance(d, int) else (d.value if d is not None else None) for d in value.shape]
+        specs[value.name] = (dtype, shape)
     return specs
 
 
@@ -44,36 +40,40 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise InputMismatchError(f"{path}: not a readable .npz ({type(err).__name__}); save it with numpy.savez") from None
 
 
-def check_feeds(feeds: dict[str, np.ndarray], specs: dict[str, tuple[np.dtype, list]], source: str) -> dict[str, np.ndarray]:
-    """Every input present, nothing extra, dtypes and fixed dimensions matching."""
-    missing = sorted(set(specs) - set(feeds))
-    extra = sorted(set(feeds) - set(specs))
+def check_array(source: str, name: str, dtype: np.dtype, shape: tuple[int, ...], specs: Specs) -> None:
+    """One input's dtype, rank and fixed dimensions against the model's."""
+    want_dtype, want_shape = specs[name]
+    if dtype != want_dtype:
+        raise InputMismatchError(f"{source}: input {name!r} is {dtype}, the model expects {want_dtype}")
+    if len(shape) != len(want_shape) or any(isinstance(d, int) and d != a for d, a in zip(want_shape, shape)):
+        raise InputMismatchError(f"{source}: input {name!r} has shape {list(shape)}, the model expects {want_shape}")
+
+
+def check_names(names, specs: Specs, source: str) -> None:
+    missing, extra = sorted(set(specs) - set(names)), sorted(set(names) - set(specs))
     if missing or extra:
         raise InputMismatchError(
             f"{source}: inputs do not match the model: missing {missing or 'none'}, unexpected {extra or 'none'}; "
             f"the model's inputs are {sorted(specs)}"
         )
-    checked = {}
-    for name, (dtype, shape) in specs.items():
-        array = feeds[name]
-        if array.dtype != dtype:
-            raise InputMismatchError(f"{source}: input {name!r} is {array.dtype}, the model expects {dtype}")
-        if array.ndim != len(shape) or any(isinstance(d, int) and d != a for d, a in zip(shape, array.shape)):
-            raise InputMismatchError(
-                f"{source}: input {name!r} has shape {list(array.shape)}, the model expects {shape}"
-            )
-        checked[name] = array
-    return checked
 
 
-def synthetic_feeds(specs: dict[str, tuple[np.dtype, list]], int_bounds: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+def check_feeds(feeds: dict[str, np.ndarray], specs: Specs, source: str) -> dict[str, np.ndarray]:
+    """Every input present, nothing extra, dtypes and fixed dimensions matching."""
+    check_names(feeds, specs, source)
+    for name, array in feeds.items():
+        check_array(source, name, array.dtype, array.shape, specs)
+    return feeds
+
+
+def synthetic_feeds(specs: Specs, int_bounds: dict[str, int], seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
     """Feeds from types and shapes alone: normal noise for floats; for integers, ids below the
     row count of the table they index (`int_bounds`), else ones (masks). Free dimensions: the
-    first gets 2 (batch), the others 16."""
+    first gets `batch`, the others 16."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, (dtype, shape) in specs.items():
-        dims = [d if isinstance(d, int) and d > 0 else (2 if i == 0 else 16) for i, d in enumerate(shape)]
+        dims = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 16) for i, d in enumerate(shape)]
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:

@@ -152,3 +152,13 @@ def weight_from_matrix(layer: WeightLayer, matrix: np.ndarray, shape: tuple[int,
         per_group = matrix.reshape(groups, shape[0] // groups, kernel, shape[1]).transpose(0, 1, 3, 2)
         return per_group.reshape(shape)
     raise UnsupportedLayer(f"{op} has no weight matrix")
+
+
+def relative_output_error(layer: WeightLayer, gram: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
+    """tr(ΔWᵀ H ΔW) / tr(Wᵀ H W): the squared error a weight change adds to the layer's
+    outputs on the calibration data, relative to the outputs' own energy."""
+    m = weight_matrix(layer, w.astype(np.float64))
+    delta = weight_matrix(layer, w_hat.astype(np.float64)) - m
+    error = float(np.sum((gram @ delta) * delta))
+    energy = float(np.sum((gram @ m) * m))
+    return error / energy if energy > 0 else 0.0

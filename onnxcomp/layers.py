@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -90,6 +91,15 @@ def weight_layer(node: ir.Node, include_quantized: bool = False) -> WeightLayer 
         # An embedding table: one scale per row, blocks along the embedding dimension.
         return WeightLayer(node, inputs[0], channel_axis=0, reduction_axis=1)
     return None
+
+
+def reduction_depth(layer: WeightLayer) -> int:
+    """How many products each output of the layer sums (per group, kernel included)."""
+    shape = layer.weight.shape
+    kernel = math.prod(shape[2:]) if layer.node.op_type in ("Conv", "ConvTranspose") else 1
+    if layer.node.op_type == "ConvTranspose":
+        return shape[0] // layer.groups * kernel
+    return shape[layer.reduction_axis] * kernel
 
 
 def find_weight_layers(graph: ir.Graph, include_quantized: bool = False) -> list[WeightLayer]:

@@ -8,49 +8,68 @@ from pathlib import Path
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
+from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.config import QuantConfig
 from onnxcomp.modelio import check_output_path, load_model, save_model
 from onnxcomp.passes.fold_bn import FoldBatchNormPass
 from onnxcomp.passes.normalize import NormalizePass
+from onnxcomp.passes.quantize_activations import QuantizeActivationsPass
 from onnxcomp.passes.quantize_weights import QuantizeWeightsPass
+from onnxcomp.passes.smooth import SmoothActivationsPass
 from onnxcomp.report import Report
 
 
-def build_passes(config: QuantConfig, report: Report, progress: bool = False) -> list[ir.passes.PassBase]:
-    return [
-        NormalizePass(config.required_opset, report),
-        FoldBatchNormPass(report),
-        QuantizeWeightsPass(config, report, progress=progress),
-        RemoveUnusedNodesPass(),
-        TopologicalSortPass(),
-    ]
+def build_passes(
+    config: QuantConfig, report: Report, calibration: Calibration, progress: bool = False
+) -> list[ir.passes.PassBase]:
+    passes = [NormalizePass(config.required_opset, report), FoldBatchNormPass(report)]
+    if config.act_bits and config.smooth:
+        passes.append(SmoothActivationsPass(config, calibration, report))
+    passes.append(QuantizeWeightsPass(config, report, progress=progress, calibration=calibration))
+    if config.act_bits:
+        passes += [TopologicalSortPass(), QuantizeActivationsPass(config, calibration, report)]
+    return passes + [RemoveUnusedNodesPass(), TopologicalSortPass()]
 
 
-def compress(model: ir.Model, config: QuantConfig, *, progress: bool = False) -> tuple[ir.Model, Report]:
-    """Run every pass of `config` on `model` in place; return it with the report."""
+def compress(
+    model: ir.Model, config: QuantConfig, *, calibration: Calibration | None = None, progress: bool = False
+) -> tuple[ir.Model, Report]:
+    """Run every pass of `config` on `model` in place; return it with the report.
+
+    `calibration` holds the data passes that need statistics use; by default, synthetic
+    inputs (with a warning) where a pass needs data at all.
+    """
+    calibration = calibration if calibration is not None else Calibration(progress=progress)
     report = Report()
-    for pass_ in build_passes(config, report, progress):
+    for pass_ in build_passes(config, report, calibration, progress):
         model = pass_(model).model
+    if calibration.label:
+        report.totals["calibration"] = calibration.label
     return model, report
 
 
 def compress_file(
-    source: str | os.PathLike, output: str | os.PathLike, config: QuantConfig, *, progress: bool = False
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    config: QuantConfig,
+    *,
+    calibration: Calibration | None = None,
+    progress: bool = False,
 ) -> Report:
     """Load, compress and atomically save; the source file is only read."""
     check_output_path(output, source)
     model = load_model(source)
-    model, report = compress(model, config, progress=progress)
+    model, report = compress(model, config, calibration=calibration, progress=progress)
     save_model(model, output, source=source)
     before, after = Path(source).stat().st_size, Path(output).stat().st_size
     data = Path(str(output) + ".data")
     if data.exists():
         after += data.stat().st_size
     quantized = sum(1 for r in report.layers if r.bits)
-    report.totals = {
+    report.totals.update({
         "layers quantized": f"{quantized} of {len(report.layers)}",
         "file size before": before,
         "file size after": after,
         "ratio": round(after / before, 4) if before else 0.0,
-    }
+    })
     return report

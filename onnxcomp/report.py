@@ -22,6 +22,8 @@ class LayerRecord:
     relative_mse: float = 0.0
     bytes_before: int = 0
     bytes_after: int = 0
+    output_error: float | None = None  # tr(ΔWᵀHΔW) / tr(WᵀHW) on the calibration data
+    act_range: tuple[float, float] | None = None  # quantized range of the layer's input
     note: str = ""
 
 
@@ -47,24 +49,28 @@ class Report:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     def to_table(self) -> str:
-        header = ("layer", "op", "shape", "bits", "gran.", "grid", "range before", "range after", "rel. MSE", "bytes before", "bytes after")
+        with_output = any(r.output_error is not None for r in self.layers)
+        with_act = any(r.act_range is not None for r in self.layers)
+        header = ("layer", "op", "shape", "bits", "gran.", "grid", "range before", "range after", "rel. MSE")
+        header += ("out err",) * with_output + ("act range",) * with_act + ("bytes before", "bytes after")
         rows = [header]
         for r in self.layers:
-            rows.append(
-                (
-                    _clip(r.name, 40),
-                    r.op,
-                    "x".join(map(str, r.shape)),
-                    str(r.bits) if r.bits else "float",
-                    r.granularity or "-",
-                    r.grid or "-",
-                    _range(r.range_before),
-                    _range(r.range_after) if r.bits else "-",
-                    f"{r.relative_mse:.2e}" if r.bits else "-",
-                    f"{r.bytes_before:,}",
-                    f"{r.bytes_after:,}",
-                )
+            row = (
+                _clip(r.name, 40),
+                r.op,
+                "x".join(map(str, r.shape)),
+                str(r.bits) if r.bits else "float",
+                r.granularity or "-",
+                r.grid or "-",
+                _range(r.range_before),
+                _range(r.range_after) if r.bits else "-",
+                f"{r.relative_mse:.2e}" if r.bits else "-",
             )
+            if with_output:
+                row += (f"{r.output_error:.2e}" if r.output_error is not None else "-",)
+            if with_act:
+                row += (_range(r.act_range) if r.act_range is not None else "-",)
+            rows.append(row + (f"{r.bytes_before:,}", f"{r.bytes_after:,}"))
         lines = format_table(rows).splitlines()
         for r in self.layers:
             if r.note:

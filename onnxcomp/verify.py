@@ -43,9 +43,9 @@ def fidelity(name: str, ref: np.ndarray, out: np.ndarray) -> OutputFidelity:
     return OutputFidelity(name, mean_cosine(ref, out), snr, float(np.max(np.abs(r - o))) if r.size else 0.0)
 
 
-def feeds_for(reference: ir.Model, session, inputs: str | os.PathLike | None) -> tuple[dict[str, np.ndarray], str]:
+def feeds_for(reference: ir.Model, inputs: str | os.PathLike | None) -> tuple[dict[str, np.ndarray], str]:
     """The user's feeds, checked against the model, or synthetic ones; and where they came from."""
-    specs = feeds_mod.input_specs(session)
+    specs = feeds_mod.input_specs(reference)
     if inputs is not None:
         return feeds_mod.check_feeds(feeds_mod.load_npz(inputs), specs, str(inputs)), str(inputs)
     return feeds_mod.synthetic_feeds(specs, feeds_mod.index_bounds(reference)), "synthetic"
@@ -63,6 +63,6 @@ def verify(
     load_model(candidate)  # a clear error for a bad file before onnxruntime's own
     ref_session = make_session(reference, accuracy_level, device)
     cand_session = make_session(candidate, accuracy_level, device)
-    feeds, source = feeds_for(reference_model, ref_session, inputs)
+    feeds, source = feeds_for(reference_model, inputs)
     ref_out, cand_out = run(ref_session, feeds), run(cand_session, feeds)
     return [fidelity(name, ref_out[name], cand_out[name]) for name in ref_out], source

@@ -10,10 +10,12 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
+from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.quantize import Quantized, dequantize, grid_for, quantize, relative_mse
-from onnxcomp.layers import WeightLayer, find_weight_layers
+from onnxcomp.layer_matrix import relative_output_error
+from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth
 from onnxcomp.report import LayerRecord, Report
 
 # ONNX element type and numpy storage dtype of the codes, by (bits, signed).
@@ -57,6 +59,11 @@ def skip_reason(layer: WeightLayer, config: QuantConfig) -> str | None:
     users = {user for user, _ in layer.weight.uses()}
     if len(users) > 1:
         return f"weight shared by {len(users)} nodes"
+    depth = reduction_depth(layer)
+    if config.act_bits and layer.data is not None and depth < config.act_min_depth:
+        # onnxruntime runs such layers (a first conv over 1-3 channels, depthwise convs)
+        # faster in float than as integer kernels, and only float weights keep its fast path.
+        return f"sums {depth} products < --act-min-depth {config.act_min_depth}: kept float for speed"
     return None
 
 
@@ -131,27 +138,36 @@ def packed_bytes(qt: Quantized, bits: int) -> int:
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """Replace each quantizable weight W of a layer by DequantizeLinear(Q(W))."""
 
-    def __init__(self, config: QuantConfig, report: Report, progress: bool = False):
+    def __init__(self, config: QuantConfig, report: Report, progress: bool = False, calibration: Calibration | None = None):
         super().__init__()
         self.config = config
         self.report = report
         self.progress = progress
+        self.calibration = calibration
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         layers = find_weight_layers(graph)
         check_block_size(layers, self.config)
+        grams = {}
+        if self.calibration is not None and self.calibration.user_data:
+            stats = self.calibration.statistics(model, "the output error of each layer", layers=layers)
+            grams = {node: record.gram.matrix for node, record in stats.layers.items()}
         names = NameAllocator(graph)
         modified = False
         edge = {id(layers[0]), id(layers[-1])} if layers and self.config.keep_first_last_bits else set()
         for layer in tqdm(layers, desc="quantize", unit="layer", disable=not self.progress or len(layers) < 8, leave=False):
             bits = self.config.keep_first_last_bits if id(layer) in edge else self.config.bits
-            record = self._quantize_layer(graph, names, layer, bits)
+            record = self._quantize_layer(graph, names, layer, bits, grams.get(layer.node))
             self.report.layers.append(record)
             modified |= record.bits is not None
+        if modified and self.calibration is not None:
+            self.calibration.mark_stale()
         return ir.passes.PassResult(model, modified=modified)
 
-    def _quantize_layer(self, graph: ir.Graph, names: NameAllocator, layer: WeightLayer, bits: int) -> LayerRecord:
+    def _quantize_layer(
+        self, graph: ir.Graph, names: NameAllocator, layer: WeightLayer, bits: int, gram: np.ndarray | None
+    ) -> LayerRecord:
         w = layer.weight.const_value.numpy()
         record = LayerRecord(
             name=layer.name,
@@ -180,6 +196,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         record.grid = f"{'u' if grid.asymmetric else ''}int{storage_bits(bits)} {grid.label}"
         record.range_after = (float(w_hat.min()), float(w_hat.max()))
         record.relative_mse = relative_mse(w, w_hat)
+        if gram is not None:
+            record.output_error = relative_output_error(layer, gram, w, w_hat)
         record.bytes_after = packed_bytes(qt, bits)
         record.note = note
         return record

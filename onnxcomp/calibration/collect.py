@@ -1,0 +1,189 @@
+"""Run the model on calibration batches in onnxruntime and accumulate, per layer, the Gram
+matrix of its input rows and, per activation, its range and histogram."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from tqdm import tqdm
+
+from onnxcomp.calibration.sources import CalibrationSet, Feeds
+from onnxcomp.calibration.statistics import ActivationStatistics, Gram, LayerStatistics
+from onnxcomp.errors import CalibrationError
+from onnxcomp.layer_matrix import UnsupportedLayer, input_rows
+from onnxcomp.layers import WeightLayer
+from onnxcomp.runtime import providers_for
+
+# Input rows expanded at once (im2col multiplies a convolution's input by its kernel size).
+_ROWS_CHUNK_ELEMENTS = 1 << 24
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+@dataclass
+class Statistics:
+    """Keyed by graph objects: layers by their node, activations by their value."""
+
+    layers: dict[ir.Node, LayerStatistics] = field(default_factory=dict)
+    activations: dict[ir.Value, ActivationStatistics] = field(default_factory=dict)
+    skipped: dict[ir.Node, str] = field(default_factory=dict)  # layer → why it has no statistics
+
+
+def _gram_shape(layer: WeightLayer) -> tuple[int, int]:
+    """(groups, reduction length) of the layer's rows."""
+    shape = layer.weight.shape
+    kernel = math.prod(shape[2:]) if layer.node.op_type in ("Conv", "ConvTranspose") else 1
+    if layer.node.op_type == "Conv":
+        return layer.groups, shape[1] * kernel
+    if layer.node.op_type == "ConvTranspose":
+        return layer.groups, shape[0] // layer.groups * kernel
+    return 1, shape[layer.reduction_axis]
+
+
+def _fetchable(value: ir.Value | None, graph: ir.Graph) -> bool:
+    """A value of the main graph that is not known to be non-float (exporters often leave
+    intermediate types unset)."""
+    floats = (None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+    return value is not None and value.graph is graph and value.dtype in floats
+
+
+class _Session:
+    """onnxruntime on the model with extra values exposed as outputs.
+
+    The model is saved, with its weights as external data, to a temporary folder, and its
+    graph outputs restored at once: the caller's model is not copied in memory or changed.
+    """
+
+    def __init__(self, model: ir.Model, values: list[ir.Value], device: str):
+        graph = model.graph
+        outputs = list(graph.outputs)
+        self.names = [v.name for v in values]
+        extra = [v for v in values if v not in outputs and not v.is_graph_input()]
+        with tempfile.TemporaryDirectory(prefix="onnxcomp-calib-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            graph.outputs.extend(extra)
+            try:
+                ir.save(model, path, external_data="model.onnx.data")
+            finally:
+                graph.outputs.clear()
+                graph.outputs.extend(outputs)
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+        self.inputs = {v.name for v in values if v.is_graph_input()}
+        self.fetch = [n for n in self.names if n not in self.inputs]
+
+    def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        results = dict(zip(self.fetch, self.session.run(self.fetch, feeds))) if self.fetch else {}
+        results.update({name: feeds[name] for name in self.inputs})
+        return results
+
+
+def _groups_within(sizes: dict[ir.Value, int], budget: int) -> list[list[ir.Value]]:
+    """Consecutive groups of values whose bytes per batch together stay within `budget`."""
+    groups: list[list[ir.Value]] = [[]]
+    used = 0
+    for value, size in sizes.items():
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(value)
+        used += size
+    return groups
+
+
+def _accumulate_rows(layer: WeightLayer, x: np.ndarray, gram: Gram) -> None:
+    per_sample = max(1, x[:1].size * math.prod(layer.weight.shape[2:] or (1,)))
+    step = max(1, _ROWS_CHUNK_ELEMENTS // per_sample)
+    if layer.node.op_type in ("MatMul", "Gemm"):
+        step = x.shape[0]  # already rows: no expansion
+    for start in range(0, x.shape[0], step):
+        gram.add(input_rows(layer, x[start : start + step]))
+
+
+def collect(
+    model: ir.Model,
+    calibration: CalibrationSet,
+    layers: Iterable[WeightLayer] = (),
+    values: Iterable[ir.Value] = (),
+    *,
+    device: str = "cpu",
+    progress: bool = False,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Statistics:
+    """Statistics of `layers` (Gram matrices) and `values` (ranges) over the calibration set.
+
+    Layers whose input is not a float value of the main graph, or whose attributes cannot be
+    written as rows, are listed in `skipped` with the reason.
+    """
+    graph = model.graph
+    stats = Statistics()
+    by_value: dict[ir.Value, list[WeightLayer]] = {}
+    for layer in layers:
+        if layer.data is None:
+            stats.skipped[layer.node] = "an embedding lookup multiplies no input"
+            continue
+        if not _fetchable(layer.data, graph):
+            stats.skipped[layer.node] = "its input is inside a subgraph or not a float tensor"
+            continue
+        by_value.setdefault(layer.data, []).append(layer)
+        stats.layers[layer.node] = LayerStatistics(Gram.empty(*_gram_shape(layer)))
+    for value in values:
+        if _fetchable(value, graph):
+            stats.activations[value] = ActivationStatistics()
+    wanted = list(dict.fromkeys([*by_value, *stats.activations]))
+    if not wanted:
+        return stats
+
+    batches = calibration.batches()
+    first = next(batches, None)
+    if first is None:
+        raise CalibrationError(f"calibration set {calibration.label} is empty; give it at least one sample")
+    probe = _Session(model, wanted, device)
+    one = probe.run({name: array[:1] for name, array in first.items()})
+    sizes = {v: one[v.name].nbytes * _count(first) for v in wanted}
+    groups = _groups_within(sizes, memory_budget)
+
+    total = calibration.samples * len(groups) if calibration.samples else None
+    with tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False) as bar:
+        for index, group in enumerate(groups):
+            session = probe if len(groups) == 1 else _Session(model, group, device)
+            stream = itertools.chain([first], batches) if index == 0 else calibration.batches()
+            for number, feeds in enumerate(stream):
+                results = session.run(feeds)
+                for value in group:
+                    _update(stats, value, results[value.name], by_value.get(value, ()), number, _count(feeds))
+                bar.update(_count(feeds))
+    return stats
+
+
+def _count(feeds: Feeds) -> int:
+    return len(next(iter(feeds.values())))
+
+
+def _update(stats: Statistics, value: ir.Value, x: np.ndarray, layers, batch_number: int, samples: int) -> None:
+    if not np.isfinite(x).all():
+        raise CalibrationError(
+            f"activation {value.name!r} holds NaN or Inf on calibration batch {batch_number}; "
+            "check the calibration inputs (ranges, normalization) and the model"
+        )
+    if value in stats.activations:
+        stats.activations[value].add(x)
+    for layer in layers:
+        record = stats.layers.get(layer.node)
+        if record is None:
+            continue
+        try:
+            _accumulate_rows(layer, x, record.gram)
+        except UnsupportedLayer as err:
+            stats.skipped[layer.node] = f"no statistics: {err} is not supported"
+            del stats.layers[layer.node]
+            continue
+        record.samples += samples

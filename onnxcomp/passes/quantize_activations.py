@@ -1,0 +1,105 @@
+"""quantize-activations: QuantizeLinear → DequantizeLinear (uint8, ranges from calibration)
+on the inputs of layers whose weights are quantized, placed where onnxruntime fuses them
+into integer kernels (MatMulIntegerToFloat, QLinearConv, QGemm)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.calibration.analysis import Calibration
+from onnxcomp.config import QuantConfig
+from onnxcomp.kernels.act_range import activation_range, quantization_params
+from onnxcomp.layers import WeightLayer, dequantized_constant, find_weight_layers, reduction_depth
+from onnxcomp.passes.quantize_weights import NameAllocator
+from onnxcomp.report import Report
+
+# Elementwise ops a uint8 Q with zero point 0 absorbs (it clips at zero itself).
+_RECTIFIERS = ("Relu",)
+
+
+def _rectified_output(node: ir.Node) -> ir.Value:
+    """A Conv's output, or that of the ReLU right after it when it is the only consumer:
+    quantizing there lets onnxruntime fuse DQ → Conv → ReLU → Q into one QLinearConv."""
+    out = node.outputs[0]
+    users = list(out.uses())
+    if len(users) == 1 and users[0][0].op_type in _RECTIFIERS and not out.is_graph_output():
+        return users[0][0].outputs[0]
+    return out
+
+
+def activation_targets(graph: ir.Graph, min_depth: int) -> tuple[dict[ir.Value, list[WeightLayer]], list[ir.Value]]:
+    """(input value → the quantized layers reading it, Conv outputs to quantize too).
+
+    Layers summing fewer than `min_depth` products are left out (quantize-weights keeps
+    them in float too when activations are quantized).
+    """
+    inputs: dict[ir.Value, list[WeightLayer]] = {}
+    outputs: list[ir.Value] = []
+    for layer in find_weight_layers(graph, include_quantized=True):
+        if layer.data is None or layer.node.graph is not graph or not dequantized_constant(layer.weight):
+            continue
+        if reduction_depth(layer) < min_depth:
+            continue
+        inputs.setdefault(layer.data, []).append(layer)
+        if layer.node.op_type == "Conv":
+            outputs.append(_rectified_output(layer.node))
+    return inputs, [v for v in dict.fromkeys(outputs) if v not in inputs and not v.is_graph_output()]
+
+
+class QuantizeActivationsPass(ir.passes.InPlacePass):
+    """Insert x → QuantizeLinear → DequantizeLinear → (every former user of x)."""
+
+    def __init__(self, config: QuantConfig, calibration: Calibration, report: Report):
+        super().__init__()
+        self.config = config
+        self.calibration = calibration
+        self.report = report
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        inputs, outputs = activation_targets(graph, self.config.act_min_depth)
+        targets = [*inputs, *outputs]
+        if not targets:
+            return ir.passes.PassResult(model, modified=False)
+        stats = self.calibration.statistics(model, "--act-bits", values=targets).activations
+        records = {r.name: r for r in self.report.layers}
+        names = NameAllocator(graph)
+        for value in targets:
+            if value not in stats or stats[value].count == 0:
+                self.report.note("quantize-activations", value.name, "no calibration statistics; left in float")
+                continue
+            low, high = activation_range(stats[value], self.config.act_calib, self.config.percentile, self.config.act_bits)
+            scale, zero_point = quantization_params(low, high, self.config.act_bits)
+            self._insert_qdq(graph, names, value, scale, zero_point)
+            grid_low = float((0 - int(zero_point)) * scale)
+            grid_high = float((255 - int(zero_point)) * scale)
+            for layer in inputs.get(value, ()):
+                if layer.name in records:
+                    records[layer.name].act_range = (grid_low, grid_high)
+            if value not in inputs:
+                self.report.note("quantize-activations", value.name, f"Conv output quantized to [{grid_low:.4g}, {grid_high:.4g}]")
+        self.report.totals["activations"] = f"uint8 {self.config.act_calib}, {len(targets)} tensors"
+        self.calibration.mark_stale()
+        return ir.passes.PassResult(model, modified=True)
+
+    @staticmethod
+    def _insert_qdq(graph: ir.Graph, names: NameAllocator, value: ir.Value, scale, zero_point) -> None:
+        base = value.name
+        parameters = []
+        for suffix, array in (("_act_scale", np.array(scale, dtype=np.float32)), ("_act_zero_point", np.array(zero_point, dtype=np.uint8))):
+            name = names.fresh(base + suffix)
+            tensor = ir.Tensor(array, name=name)
+            parameter = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+            graph.register_initializer(parameter)
+            parameters.append(parameter)
+        users = list(value.uses())
+        quantize = ir.node("QuantizeLinear", [value, *parameters], name=names.fresh(base + "_QuantizeLinear"))
+        quantize.outputs[0].name = names.fresh(base + "_quantized")
+        dequantize = ir.node("DequantizeLinear", [quantize.outputs[0], *parameters], name=names.fresh(base + "_DequantizeLinear"))
+        dequantized = dequantize.outputs[0]
+        dequantized.name = names.fresh(base + "_dequantized")
+        dequantized.type, dequantized.shape = value.type, value.shape
+        graph.extend([quantize, dequantize])  # placed by the topological sort that follows
+        for user, index in users:
+            user.replace_input_with(index, dequantized)

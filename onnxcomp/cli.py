@@ -6,13 +6,14 @@ import functools
 import json
 import math
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 
 from onnxcomp.config import Granularity, QuantConfig
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import ConfigError, OnnxcompError
 
 
 def _one_line_errors(func):
@@ -35,6 +36,45 @@ def main() -> None:
     """Compress ONNX models: quantized weights that stock onnxruntime runs."""
 
 
+def _calibration_options(func):
+    """The options that say where calibration data comes from and how it is read."""
+    options = [
+        click.option("--calib", default=None,
+                     help="Calibration inputs: an .npz keyed by input name (first axis = samples), a folder of "
+                          ".npy/.npz files or of images, or 'none' to refuse synthetic inputs. Default: synthetic "
+                          "inputs from the input types, with a warning, for passes that need data."),
+        click.option("--calib-samples", type=int, default=128, help="Use at most this many calibration samples."),
+        click.option("--calib-batch", type=int, default=16, help="Samples per onnxruntime run during calibration."),
+        click.option("--image-size", type=int, nargs=2, default=None, metavar="H W",
+                     help="Resize calibration images to H x W. Default: the model input's fixed size."),
+        click.option("--mean", default="0", help="Per-channel mean subtracted from images scaled to [0, 1], comma-separated."),
+        click.option("--std", default="1", help="Per-channel std dividing images after the mean, comma-separated."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", help="Image tensor layout the model expects."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _calib_options(calib_samples, calib_batch, image_size, mean, std, layout):
+    from onnxcomp.calibration.sources import CalibOptions
+
+    def floats(text: str, option: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise ConfigError(f"{option} {text!r} is not a comma-separated list of numbers") from None
+
+    return CalibOptions(
+        samples=calib_samples, batch=calib_batch, image_size=tuple(image_size) if image_size else None,
+        mean=floats(mean, "--mean"), std=floats(std, "--std"), layout=layout,
+    )
+
+
+def _show_warnings(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"onnxcomp: warning: {message}", err=True)
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -48,20 +88,44 @@ def main() -> None:
 @click.option("--min-elements", type=int, default=0, help="Weights with fewer elements stay in float.")
 @click.option("--keep-first-last-bits", type=int, default=None,
               help="Bit width for the first and last quantizable layers (REQuant keeps them at 8). Default: same as --bits.")
+@click.option("--act-bits", type=int, default=None,
+              help="Quantize the inputs of quantized layers to this many bits (8: uint8 QDQ that onnxruntime fuses "
+                   "into integer kernels). Default: activations stay float.")
+@click.option("--act-calib", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax",
+              help="How activation ranges are chosen from the calibration histogram.")
+@click.option("--percentile", type=float, default=99.99, help="With --act-calib percentile: the share of values kept in range.")
+@click.option("--act-min-depth", type=int, default=16,
+              help="With --act-bits: layers summing fewer products per output (first convs, depthwise convs) stay float.")
+@click.option("--no-smooth", is_flag=True, default=False,
+              help="With --act-bits: do not migrate activation outlier channels into the weights (smoothing).")
+@click.option("--smooth-alpha", type=float, default=None,
+              help="Smoothing strength in [0, 1]. Default: chosen per layer input by predicted output noise.")
+@_calibration_options
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="onnxruntime execution provider for calibration.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
 @_one_line_errors
-def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits, report_json, quiet):
-    """Quantize MODEL's weights and write a QDQ model that onnxruntime runs."""
+def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits,
+             act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
+             calib, calib_samples, calib_batch, image_size, mean, std, layout, device, report_json, quiet):
+    """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
+    that onnxruntime runs."""
+    from onnxcomp.calibration.analysis import Calibration
     from onnxcomp.pipeline import compress_file
 
     config = QuantConfig(
         bits=bits, granularity=Granularity(granularity), block_size=block_size, asymmetric=asymmetric,
         exclude=exclude, min_elements=min_elements, keep_first_last_bits=keep_first_last_bits,
+        act_bits=act_bits, act_calib=act_calib, percentile=percentile, act_min_depth=act_min_depth,
+        smooth=not no_smooth, smooth_alpha=smooth_alpha,
+    )
+    calibration = Calibration(
+        calib, _calib_options(calib_samples, calib_batch, image_size, mean, std, layout), device=device, progress=not quiet
     )
     source = Path(model)
     target = Path(output) if output else source.with_suffix(f".q{bits}.onnx")
-    report = compress_file(source, target, config, progress=not quiet)
+    warnings.showwarning = _show_warnings
+    report = compress_file(source, target, config, calibration=calibration, progress=not quiet)
     if report_json:
         Path(report_json).write_text(report.to_json())
     if not quiet:
@@ -80,6 +144,29 @@ def inspect(model, as_json):
 
     stats = model_stats(load_model(model))
     click.echo(json.dumps([asdict(s) for s in stats], indent=2) if as_json else stats_table(stats))
+
+
+@main.command("calib-info")
+@click.argument("model", type=click.Path(dir_okay=False))
+@_calibration_options
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
+@_one_line_errors
+def calib_info(model, calib, calib_samples, calib_batch, image_size, mean, std, layout, as_json):
+    """What the calibration set for MODEL holds, per input: dtype, samples, shapes, value ranges.
+    Checks it against the model's inputs without running the model."""
+    from onnxcomp.calibration.analysis import Calibration
+    from onnxcomp.calibration.info import summarize, summary_table
+    from onnxcomp.modelio import load_model
+
+    warnings.showwarning = _show_warnings
+    calibration = Calibration(calib, _calib_options(calib_samples, calib_batch, image_size, mean, std, layout))
+    dataset = calibration.dataset(load_model(model), "calib-info")
+    summaries = summarize(dataset)
+    if as_json:
+        rows = [{k: v for k, v in asdict(s).items() if not k.startswith("_")} for s in summaries]
+        click.echo(json.dumps({"source": dataset.label, "inputs": rows}, indent=2))
+    else:
+        click.echo(summary_table(dataset, summaries))
 
 
 @main.command()

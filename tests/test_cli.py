@@ -131,3 +131,48 @@ def test_verify_rejects_mismatched_inputs(tmp_path):
     _one_line_error(invoke("verify", DIGITS, DIGITS, "--inputs", feeds), "pixels", "image")
     np.savez(feeds, image=np.zeros((2, 1, 7, 8), np.float32))
     _one_line_error(invoke("verify", DIGITS, DIGITS, "--inputs", feeds), "'image'", "[2, 1, 7, 8]")
+
+
+def test_calib_info_describes_the_data(tmp_path):
+    result = invoke("calib-info", DIGITS, "--calib", MODELS / "digits_eval.npz", "--calib-samples", 100, "--calib-batch", 32)
+    assert result.exit_code == 0, result.output
+    assert "100 of 500 samples" in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("image"))
+    assert row.split()[1:5] == ["float32", "100", "4", "1x8x8"]
+    data = json.loads(invoke("calib-info", DIGITS, "--calib", MODELS / "digits_eval.npz", "--json").output)
+    assert data["inputs"][0]["samples"] == 128 and data["inputs"][0]["shape_max"] == [1, 8, 8]
+
+
+def test_compress_w8a8_from_cli(tmp_path):
+    out, report = tmp_path / "w8a8.onnx", tmp_path / "r.json"
+    result = invoke("compress", DIGITS, "--act-bits", 8, "--calib", MODELS / "digits_eval.npz", "-o", out, "--report-json", report, "-q")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert "digits_eval.npz" in data["totals"]["calibration"]
+    assert sum(1 for r in data["layers"] if r["act_range"]) >= 4
+    assert sum(1 for n in onnx.load(out).graph.node if n.op_type == "QuantizeLinear") >= 4
+
+
+def test_synthetic_calibration_warns_on_stderr(tmp_path):
+    result = CliRunner().invoke(main, ["compress", str(DIGITS), "--act-bits", "8", "-o", str(tmp_path / "o.onnx"), "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith("onnxcomp: warning:") and "--calib" in result.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--act-bits", "4"], ["--act-bits 4", "choose 8"]),
+    (["--act-bits", "8", "--calib", "none"], ["--calib none", "real inputs"]),
+    (["--act-bits", "8", "--calib", "MISSING.npz"], ["MISSING.npz", "no such file"]),
+    (["--act-bits", "8", "--calib", str(MODELS / "digits_eval_labels.npy")], ["not an .npz"]),
+    (["--act-bits", "8", "--mean", "a,b"], ["--mean", "comma-separated"]),
+    (["--percentile", "20", "--act-bits", "8"], ["--percentile 20.0"]),
+])
+def test_bad_calibration_options_are_one_line_errors(tmp_path, args, words):
+    _one_line_error(invoke("compress", DIGITS, "-o", tmp_path / "o.onnx", "-q", *args), *words)
+
+
+def test_help_documents_calibration_options():
+    text = invoke("compress", "--help").output
+    for option in ("--calib ", "--calib-samples", "--calib-batch", "--image-size", "--layout", "--act-bits", "--act-calib", "--device"):
+        assert option in text
+    assert "[default: 128]" in text and "[default: minmax]" in text

@@ -1,0 +1,84 @@
+"""W8A8: activation QDQ from calibration keeps accuracy and fuses into integer kernels."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnxcomp import QuantConfig, compress
+from onnxcomp.calibration.analysis import Calibration
+from onnxcomp.modelio import load_model, save_model
+from onnxcomp.verify import mean_cosine
+
+from conftest import MODELS, outputs
+from digits_accuracy import accuracy
+
+DIGITS = MODELS / "digits_cnn.onnx"
+
+
+def w8a8(source, target, calib, **options):
+    calibration = Calibration(calib)
+    model, report = compress(load_model(source), QuantConfig(bits=8, act_bits=8, **options), calibration=calibration)
+    save_model(model, target)
+    return report, calibration
+
+
+def fused_ops(path, tmp_path) -> Counter:
+    """Op types of the graph onnxruntime's CPU provider actually runs."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_w8a8_digits_keeps_accuracy(tmp_path, method):
+    target = tmp_path / "digits.w8a8.onnx"
+    report, _ = w8a8(DIGITS, target, MODELS / "digits_eval.npz", act_calib=method)
+    assert accuracy(target) >= accuracy(DIGITS) - 0.01
+    ops = fused_ops(target, tmp_path)
+    assert ops["QLinearConv"] >= 2
+    quantized_inputs = [r for r in report.layers if r.act_range is not None]
+    assert len(quantized_inputs) >= 4 and all(low <= 0 <= high for low, high in (r.act_range for r in quantized_inputs))
+    assert "models/digits_eval.npz" in report.totals["calibration"]
+
+
+def test_w8a8_minilm_fidelity_and_integer_kernels(tmp_path, minilm, minilm_calib, minilm_feeds):
+    target = tmp_path / "minilm.w8a8.onnx"
+    report, calibration = w8a8(minilm, target, minilm_calib)
+    ref = outputs(minilm, minilm_feeds)["sentence_embedding"]
+    out = outputs(target, minilm_feeds)["sentence_embedding"]
+    assert mean_cosine(ref, out) >= 0.99
+    assert fused_ops(target, tmp_path)["MatMulIntegerToFloat"] == 36
+    assert any(n.pass_name == "smooth" for n in report.notes)
+    # smoothing, then the output-error column, then the activation ranges: each on fresh weights
+    assert calibration.runs == 3
+
+
+def test_smoothing_never_predicts_more_noise_than_none():
+    from onnxcomp.calibration.statistics import ActivationStatistics
+    from onnxcomp.passes.smooth import best_factors, predicted_noise
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 32)).astype(np.float32)
+    x[:, 3] *= 40  # an outlier channel
+    stats = ActivationStatistics()
+    stats.add(x)
+    w = rng.standard_normal((32, 16))
+    alpha, s = best_factors(stats, [w])
+    assert alpha > 0 and s[3] == s.max()
+    assert predicted_noise(stats, [w], s) < predicted_noise(stats, [w], np.ones(32))
+
+
+def test_output_error_is_reported_with_real_calibration(tmp_path):
+    model, report = compress(load_model(DIGITS), QuantConfig(bits=4), calibration=Calibration(MODELS / "digits_eval.npz"))
+    errors = [r.output_error for r in report.layers]
+    assert all(e is not None and 0 < e < 0.05 for e in errors)
+    assert "out err" in report.to_table()
+    _, plain = compress(load_model(DIGITS), QuantConfig(bits=4))
+    assert all(r.output_error is None for r in plain.layers)

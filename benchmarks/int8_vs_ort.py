@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -20,18 +21,10 @@ from onnxcomp import QuantConfig, compress_file
 from onnxcomp.runtime import make_session, run
 from onnxcomp.verify import mean_cosine
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_latency_ms  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def latency_ms(path: Path, feeds: dict, repeats: int = 20) -> float:
-    session = make_session(path)
-    run(session, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(session, feeds)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
 
 
 def main() -> None:
@@ -50,10 +43,11 @@ def main() -> None:
         quantize_dynamic(args.model, theirs, per_channel=True, weight_type=QuantType.QInt8)
         theirs_time = time.perf_counter() - start
         rows = [("FP32", args.model, 0.0), ("onnxcomp --bits 8", ours, ours_time), ("ort quantize_dynamic", theirs, theirs_time)]
+        latencies = interleaved_latency_ms([path for _, path, _ in rows], feeds)
         print(f"{'model':22} {'compress s':>10} {'bytes':>12} {'cosine':>8} {'latency ms':>10}")
-        for name, path, seconds in rows:
+        for (name, path, seconds), latency in zip(rows, latencies):
             out = next(iter(run(make_session(path), feeds).values()))
-            print(f"{name:22} {seconds:10.2f} {path.stat().st_size:12,} {mean_cosine(reference, out):8.5f} {latency_ms(path, feeds):10.2f}")
+            print(f"{name:22} {seconds:10.2f} {path.stat().st_size:12,} {mean_cosine(reference, out):8.5f} {latency:10.2f}")
 
 
 if __name__ == "__main__":

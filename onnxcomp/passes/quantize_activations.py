@@ -47,6 +47,21 @@ def activation_targets(graph: ir.Graph, min_depth: int) -> tuple[dict[ir.Value, 
     return inputs, [v for v in dict.fromkeys(outputs) if v not in inputs and not v.is_graph_output()]
 
 
+def _add_zero_point(graph: ir.Graph, names: NameAllocator, dequantize: ir.Node) -> None:
+    """Give a symmetric weight's DequantizeLinear its (all-zero) zero point explicitly:
+    onnxruntime fuses DQ → Gemm into QGemm only when the weight has one."""
+    if len(dequantize.inputs) > 2 and dequantize.inputs[2] is not None:
+        return
+    codes, scale = dequantize.inputs[0], dequantize.inputs[1]
+    name = names.fresh(codes.name + "_zero_point")
+    zeros = np.zeros(scale.const_value.numpy().shape, dtype=codes.const_value.dtype.numpy())
+    tensor = ir.Tensor(zeros, dtype=codes.const_value.dtype, name=name)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    dequantize.resize_inputs(3)
+    dequantize.replace_input_with(2, value)
+
+
 class QuantizeActivationsPass(ir.passes.InPlacePass):
     """Insert x → QuantizeLinear → DequantizeLinear → (every former user of x)."""
 
@@ -77,6 +92,8 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
             for layer in inputs.get(value, ()):
                 if layer.name in records:
                     records[layer.name].act_range = (grid_low, grid_high)
+                if layer.node.op_type == "Gemm":
+                    _add_zero_point(graph, names, layer.weight.producer())
             if value not in inputs:
                 self.report.note("quantize-activations", value.name, f"Conv output quantized to [{grid_low:.4g}, {grid_high:.4g}]")
         self.report.totals["activations"] = f"uint8 {self.config.act_calib}, {len(targets)} tensors"

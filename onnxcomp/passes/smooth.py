@@ -25,6 +25,9 @@ from onnxcomp.report import Report
 
 
 ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
+# Smoothing adds a Mul on the activation and can block kernel fusion; it must at least
+# halve the predicted output noise to be worth that.
+MIN_GAIN = 2.0
 
 
 def smoothing_factors(channel_absmax: np.ndarray, weight_row_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -92,14 +95,15 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
                 continue
             matrices = [weight_matrix(layer, layer.weight.const_value.numpy())[0] for layer in layers]
             alpha, s = best_factors(record, matrices, self.alphas)
-            if alpha == 0.0:
+            gain = predicted_noise(record, matrices, np.ones_like(s)) / predicted_noise(record, matrices, s)
+            if alpha == 0.0 or gain < MIN_GAIN:
                 continue
             for layer, matrix in zip(layers, matrices):
                 w = layer.weight.const_value.numpy()
                 scaled = weight_from_matrix(layer, (matrix * s[:, None]).astype(w.dtype)[None], w.shape)
                 layer.weight.const_value = ir.Tensor(np.ascontiguousarray(scaled), name=layer.weight.name)
             self._divide_input(graph, names, value, layers, (1.0 / s).astype(np.float32))
-            self.report.note("smooth", value.name, f"α = {alpha} for {len(layers)} layer(s)")
+            self.report.note("smooth", value.name, f"α = {alpha} for {len(layers)} layer(s): predicted noise ÷ {gain:.1f}")
             modified = True
         if modified:
             self.calibration.mark_stale()

@@ -25,7 +25,8 @@ demo: $(STAMP)
 	$(VENV)/bin/onnxcomp inspect models/digits_cnn.onnx
 	$(VENV)/bin/onnxcomp compress models/digits_cnn.onnx --bits 4 -o build/demo/digits_cnn.q4.onnx --report-json build/demo/report.json
 	$(VENV)/bin/onnxcomp verify models/digits_cnn.onnx build/demo/digits_cnn.q4.onnx --inputs models/digits_eval.npz --min-cosine 0.99
-	$(PY) scripts/digits_accuracy.py models/digits_cnn.onnx build/demo/digits_cnn.q4.onnx
+	$(VENV)/bin/onnxcomp compress models/digits_cnn.onnx --bits 8 --act-bits 8 --calib models/digits_calib.npz -o build/demo/digits_cnn.w8a8.onnx -q
+	$(PY) scripts/digits_accuracy.py models/digits_cnn.onnx build/demo/digits_cnn.q4.onnx build/demo/digits_cnn.w8a8.onnx
 
 test: $(STAMP) $(MINILM)
 	$(PY) -m pytest -q

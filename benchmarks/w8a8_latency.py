@@ -82,7 +82,7 @@ def compare(name: str, model: Path, calib: Path, feeds_path: Path, tmp: Path) ->
 def main() -> None:
     minilm = ROOT / "build" / "minilm"
     with tempfile.TemporaryDirectory() as tmp:
-        compare("digits", ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_eval.npz",
+        compare("digits", ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_calib.npz",
                 ROOT / "models" / "digits_eval.npz", Path(tmp))
         compare("MiniLM", minilm / "minilm.onnx", minilm / "calib.npz", minilm / "eval.npz", Path(tmp))
 

@@ -4,7 +4,8 @@
 
 - digits_cnn.onnx: a CNN with BatchNormalization (plain, depthwise and pointwise Conv, Gemm)
   trained on scikit-learn's bundled 8x8 digits; digits_eval.npz / digits_eval_labels.npy
-  hold its held-out split (input "image", and the labels).
+  hold its held-out split (input "image", and the labels); digits_calib.npz holds 128
+  training images for calibration, disjoint from the held-out split.
 - convtranspose_bn.onnx, matmul_bn.onnx, subgraph_const.onnx: tiny graphs for the passes
   (a grouped ConvTranspose+BN; MatMul(+Add)+BN, one BN that cannot fold; Constant weights
   inside If branches).
@@ -22,18 +23,29 @@ HERE = Path(__file__).resolve().parent
 SEED = 0
 
 
-def digits_cnn() -> None:
-    import torch
+def digits_split():
+    """(x_train, x_eval, y_train, y_eval), images standardized by the training set's statistics."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-    from torch import nn
 
-    torch.manual_seed(SEED)
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]
     x_train, x_eval, y_train, y_eval = train_test_split(x, digits.target, test_size=500, random_state=SEED, stratify=digits.target)
     mean, std = float(x_train.mean()), float(x_train.std())
-    x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
+    return (x_train - mean) / std, (x_eval - mean) / std, y_train, y_eval
+
+
+def digits_calib() -> None:
+    x_train = digits_split()[0]
+    np.savez(HERE / "digits_calib.npz", image=x_train[np.random.default_rng(SEED).permutation(len(x_train))[:128]])
+
+
+def digits_cnn() -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(SEED)
+    x_train, x_eval, y_train, y_eval = digits_split()
 
     def block(cin, cout, k, groups=1):
         return [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups), nn.BatchNorm2d(cout), nn.ReLU()]
@@ -158,3 +170,4 @@ if __name__ == "__main__":
     matmul_bn()
     subgraph_const()
     digits_cnn()
+    digits_calib()

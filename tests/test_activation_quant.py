@@ -39,13 +39,13 @@ def fused_ops(path, tmp_path) -> Counter:
 @pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
 def test_w8a8_digits_keeps_accuracy(tmp_path, method):
     target = tmp_path / "digits.w8a8.onnx"
-    report, _ = w8a8(DIGITS, target, MODELS / "digits_eval.npz", act_calib=method)
+    report, _ = w8a8(DIGITS, target, MODELS / "digits_calib.npz", act_calib=method)
     assert accuracy(target) >= accuracy(DIGITS) - 0.01
     ops = fused_ops(target, tmp_path)
     assert ops["QLinearConv"] >= 2
     quantized_inputs = [r for r in report.layers if r.act_range is not None]
     assert len(quantized_inputs) >= 4 and all(low <= 0 <= high for low, high in (r.act_range for r in quantized_inputs))
-    assert "models/digits_eval.npz" in report.totals["calibration"]
+    assert "models/digits_calib.npz" in report.totals["calibration"]
 
 
 def test_w8a8_minilm_fidelity_and_integer_kernels(tmp_path, minilm, minilm_calib, minilm_feeds):
@@ -76,7 +76,7 @@ def test_smoothing_never_predicts_more_noise_than_none():
 
 
 def test_output_error_is_reported_with_real_calibration(tmp_path):
-    model, report = compress(load_model(DIGITS), QuantConfig(bits=4), calibration=Calibration(MODELS / "digits_eval.npz"))
+    model, report = compress(load_model(DIGITS), QuantConfig(bits=4), calibration=Calibration(MODELS / "digits_calib.npz"))
     errors = [r.output_error for r in report.layers]
     assert all(e is not None and 0 < e < 0.05 for e in errors)
     assert "out err" in report.to_table()

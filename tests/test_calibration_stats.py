@@ -36,7 +36,8 @@ def conv_matmul_model(rng) -> ir.Model:
         nodes, "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 11, 10]),
          helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 5, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, "H", "W"]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 5, 3])],
         [onnx.numpy_helper.from_array(w_conv, "w_conv"), onnx.numpy_helper.from_array(w_mm, "w_mm"),
          onnx.numpy_helper.from_array(shift, "shift")],
     )
@@ -173,3 +174,36 @@ def test_synthetic_inputs_respect_embedding_tables(minilm):
     assert [len(b["input_ids"]) for b in batches] == [8, 8, 4]
     assert all(b["input_ids"].max() < 30522 and (b["attention_mask"] == 1).all() for b in batches)
     assert dataset.synthetic
+
+
+def test_progress_bar_counts_samples(calib_npz, capsys):
+    model = conv_matmul_model(np.random.default_rng(0))
+    dataset = open_calibration(calib_npz, input_specs(model), {}, CalibOptions(batch=8))
+    collect(model, dataset, find_weight_layers(model.graph), progress=True)
+    err = capsys.readouterr().err
+    assert "calibrate" in err and "37/37" in err
+
+
+def test_external_data_model_calibrates(tmp_path):
+    """A model whose weights live in an external file (as every model over 2 GB does)."""
+    from onnxcomp.modelio import load_model
+
+    model = conv_matmul_model(np.random.default_rng(0))
+    ir.save(model, tmp_path / "ext.onnx", external_data="ext.onnx.data", size_threshold_bytes=0)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 0
+    reloaded = load_model(tmp_path / "ext.onnx")
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.standard_normal((4, 4, 11, 10)).astype(np.float32), "t": rng.standard_normal((4, 5, 8)).astype(np.float32)}]
+    dataset = open_calibration(feeds, input_specs(reloaded), {}, CalibOptions())
+    stats = collect(reloaded, dataset, find_weight_layers(reloaded.graph))
+    assert {node.name for node in stats.layers} == {"conv", "matmul"}
+    assert all(record.samples == 4 for record in stats.layers.values())
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(), reason="CUDA present")
+def test_cuda_without_onnxruntime_gpu_is_a_clear_error(calib_npz):
+    from onnxcomp.errors import ConfigError
+
+    model = conv_matmul_model(np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="onnxruntime-gpu"):
+        Calibration(calib_npz, device="cuda").statistics(model, "test", layers=find_weight_layers(model.graph))

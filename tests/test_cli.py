@@ -134,21 +134,21 @@ def test_verify_rejects_mismatched_inputs(tmp_path):
 
 
 def test_calib_info_describes_the_data(tmp_path):
-    result = invoke("calib-info", DIGITS, "--calib", MODELS / "digits_eval.npz", "--calib-samples", 100, "--calib-batch", 32)
+    result = invoke("calib-info", DIGITS, "--calib", MODELS / "digits_calib.npz", "--calib-samples", 100, "--calib-batch", 32)
     assert result.exit_code == 0, result.output
-    assert "100 of 500 samples" in result.output
+    assert "100 of 128 samples" in result.output
     row = next(line for line in result.output.splitlines() if line.startswith("image"))
     assert row.split()[1:5] == ["float32", "100", "4", "1x8x8"]
-    data = json.loads(invoke("calib-info", DIGITS, "--calib", MODELS / "digits_eval.npz", "--json").output)
+    data = json.loads(invoke("calib-info", DIGITS, "--calib", MODELS / "digits_calib.npz", "--json").output)
     assert data["inputs"][0]["samples"] == 128 and data["inputs"][0]["shape_max"] == [1, 8, 8]
 
 
 def test_compress_w8a8_from_cli(tmp_path):
     out, report = tmp_path / "w8a8.onnx", tmp_path / "r.json"
-    result = invoke("compress", DIGITS, "--act-bits", 8, "--calib", MODELS / "digits_eval.npz", "-o", out, "--report-json", report, "-q")
+    result = invoke("compress", DIGITS, "--act-bits", 8, "--calib", MODELS / "digits_calib.npz", "-o", out, "--report-json", report, "-q")
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
-    assert "digits_eval.npz" in data["totals"]["calibration"]
+    assert "digits_calib.npz" in data["totals"]["calibration"]
     assert sum(1 for r in data["layers"] if r["act_range"]) >= 4
     assert sum(1 for n in onnx.load(out).graph.node if n.op_type == "QuantizeLinear") >= 4
 

@@ -47,6 +47,13 @@ def _gram_shape(layer: WeightLayer) -> tuple[int, int]:
     return 1, shape[layer.reduction_axis]
 
 
+def _same_rows(a: WeightLayer, b: WeightLayer) -> bool:
+    """Layers reading one input as plain rows (attention's Q, K and V) share one Gram."""
+    plain = ("MatMul", "Gemm")
+    transposed = any(x.node.attributes.get("transA") is not None and x.node.attributes["transA"].as_int() for x in (a, b))
+    return a.node.op_type in plain and b.node.op_type in plain and not transposed and _gram_shape(a) == _gram_shape(b)
+
+
 def _fetchable(value: ir.Value | None, graph: ir.Graph) -> bool:
     """A value of the main graph that is not known to be non-float (exporters often leave
     intermediate types unset)."""
@@ -133,8 +140,10 @@ def collect(
         if not _fetchable(layer.data, graph):
             stats.skipped[layer.node] = "its input is inside a subgraph or not a float tensor"
             continue
-        by_value.setdefault(layer.data, []).append(layer)
-        stats.layers[layer.node] = LayerStatistics(Gram.empty(*_gram_shape(layer)))
+        siblings = by_value.setdefault(layer.data, [])
+        shared = next((stats.layers[s.node].gram for s in siblings if _same_rows(s, layer)), None)
+        stats.layers[layer.node] = LayerStatistics(shared or Gram.empty(*_gram_shape(layer)))
+        siblings.append(layer)
     for value in values:
         if _fetchable(value, graph):
             stats.activations[value] = ActivationStatistics()
@@ -152,7 +161,7 @@ def collect(
     groups = _groups_within(sizes, memory_budget)
 
     total = calibration.samples * len(groups) if calibration.samples else None
-    with tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False, mininterval=0, miniters=1) as bar:
         for index, group in enumerate(groups):
             session = probe if len(groups) == 1 else _Session(model, group, device)
             stream = itertools.chain([first], batches) if index == 0 else calibration.batches()
@@ -176,14 +185,17 @@ def _update(stats: Statistics, value: ir.Value, x: np.ndarray, layers, batch_num
         )
     if value in stats.activations:
         stats.activations[value].add(x)
+    done: set[int] = set()  # Grams shared by several layers are accumulated once
     for layer in layers:
         record = stats.layers.get(layer.node)
         if record is None:
             continue
-        try:
-            _accumulate_rows(layer, x, record.gram)
-        except UnsupportedLayer as err:
-            stats.skipped[layer.node] = f"no statistics: {err} is not supported"
-            del stats.layers[layer.node]
-            continue
+        if id(record.gram) not in done:
+            try:
+                _accumulate_rows(layer, x, record.gram)
+            except UnsupportedLayer as err:
+                stats.skipped[layer.node] = f"no statistics: {err} is not supported"
+                del stats.layers[layer.node]
+                continue
+            done.add(id(record.gram))
         record.samples += samples

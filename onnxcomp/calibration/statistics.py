@@ -27,7 +27,7 @@ class Gram:
         step = max(1, _GRAM_CHUNK_ELEMENTS // max(1, rows.shape[0] * rows.shape[2]))
         for start in range(0, rows.shape[1], step):
             chunk = rows[:, start : start + step].astype(np.float64)
-            self.matrix += np.einsum("gnr,gns->grs", chunk, chunk, optimize=True)
+            self.matrix += np.matmul(chunk.transpose(0, 2, 1), chunk)
         self.rows += rows.shape[1]
 
 

@@ -19,7 +19,7 @@ from onnxcomp.calibration.sources import CalibrationSet, Feeds
 from onnxcomp.calibration.statistics import ActivationStatistics, Gram, LayerStatistics
 from onnxcomp.errors import CalibrationError
 from onnxcomp.layer_matrix import UnsupportedLayer, input_rows
-from onnxcomp.layers import WeightLayer
+from onnxcomp.layers import WeightLayer, reduction_depth
 from onnxcomp.runtime import providers_for
 
 # Input rows expanded at once (im2col multiplies a convolution's input by its kernel size).
@@ -38,13 +38,7 @@ class Statistics:
 
 def _gram_shape(layer: WeightLayer) -> tuple[int, int]:
     """(groups, reduction length) of the layer's rows."""
-    shape = layer.weight.shape
-    kernel = math.prod(shape[2:]) if layer.node.op_type in ("Conv", "ConvTranspose") else 1
-    if layer.node.op_type == "Conv":
-        return layer.groups, shape[1] * kernel
-    if layer.node.op_type == "ConvTranspose":
-        return layer.groups, shape[0] // layer.groups * kernel
-    return 1, shape[layer.reduction_axis]
+    return layer.groups, reduction_depth(layer)
 
 
 def _same_rows(a: WeightLayer, b: WeightLayer) -> bool:

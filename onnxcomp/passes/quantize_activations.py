@@ -11,7 +11,7 @@ from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.config import QuantConfig
 from onnxcomp.kernels.act_range import activation_range, quantization_params
 from onnxcomp.layers import WeightLayer, dequantized_constant, find_weight_layers, reduction_depth
-from onnxcomp.passes.quantize_weights import NameAllocator
+from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 from onnxcomp.report import Report
 
 # Elementwise ops a uint8 Q with zero point 0 absorbs (it clips at zero itself).
@@ -53,11 +53,8 @@ def _add_zero_point(graph: ir.Graph, names: NameAllocator, dequantize: ir.Node) 
     if len(dequantize.inputs) > 2 and dequantize.inputs[2] is not None:
         return
     codes, scale = dequantize.inputs[0], dequantize.inputs[1]
-    name = names.fresh(codes.name + "_zero_point")
     zeros = np.zeros(scale.const_value.numpy().shape, dtype=codes.const_value.dtype.numpy())
-    tensor = ir.Tensor(zeros, dtype=codes.const_value.dtype, name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
+    value = add_initializer(graph, names, codes.name + "_zero_point", zeros, codes.const_value.dtype)
     dequantize.resize_inputs(3)
     dequantize.replace_input_with(2, value)
 
@@ -103,13 +100,10 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
     @staticmethod
     def _insert_qdq(graph: ir.Graph, names: NameAllocator, value: ir.Value, scale, zero_point) -> None:
         base = value.name
-        parameters = []
-        for suffix, array in (("_act_scale", np.array(scale, dtype=np.float32)), ("_act_zero_point", np.array(zero_point, dtype=np.uint8))):
-            name = names.fresh(base + suffix)
-            tensor = ir.Tensor(array, name=name)
-            parameter = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-            graph.register_initializer(parameter)
-            parameters.append(parameter)
+        parameters = [
+            add_initializer(graph, names, base + "_act_scale", np.array(scale, dtype=np.float32)),
+            add_initializer(graph, names, base + "_act_zero_point", np.array(zero_point, dtype=np.uint8)),
+        ]
         users = list(value.uses())
         quantize = ir.node("QuantizeLinear", [value, *parameters], name=names.fresh(base + "_QuantizeLinear"))
         quantize.outputs[0].name = names.fresh(base + "_quantized")

@@ -15,6 +15,7 @@ from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.quantize import Quantized, dequantize, grid_for, quantize, relative_mse
 from onnxcomp.layer_matrix import relative_output_error
+from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth
 from onnxcomp.report import LayerRecord, Report
 
@@ -32,21 +33,6 @@ _STORAGE = {
 def storage_bits(bits: int) -> int:
     """ONNX has no 3-bit type: 3-bit codes live in 4-bit containers."""
     return 4 if bits == 3 else bits
-
-
-class NameAllocator:
-    """Hands out value names not yet used in the model."""
-
-    def __init__(self, graph: ir.Graph):
-        self.taken = {v.name for node in ir.traversal.RecursiveGraphIterator(graph) for v in (*node.inputs, *node.outputs) if v is not None}
-        self.taken |= set(graph.initializers) | {v.name for v in graph.inputs}
-
-    def fresh(self, base: str) -> str:
-        name, n = base, 1
-        while name in self.taken:
-            name, n = f"{base}_{n}", n + 1
-        self.taken.add(name)
-        return name
 
 
 def skip_reason(layer: WeightLayer, config: QuantConfig) -> str | None:
@@ -93,24 +79,17 @@ def check_block_size(layers: list[WeightLayer], config: QuantConfig) -> None:
         )
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-    tensor = ir.Tensor(array, dtype=dtype, name=name)
-    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
 def emit_dequantize(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, qt: Quantized, bits: int) -> ir.Value:
     """Add the packed codes, scale, zero point and a DequantizeLinear; return its output."""
     signed = qt.zero_point is None
     onnx_type, np_type = _STORAGE[(storage_bits(bits), signed)]
     base = layer.weight.name
     inputs = [
-        _initializer(graph, names.fresh(base + "_q"), qt.q.astype(np_type), onnx_type),
-        _initializer(graph, names.fresh(base + "_scale"), qt.scale),
+        add_initializer(graph, names, base + "_q", qt.q.astype(np_type), onnx_type),
+        add_initializer(graph, names, base + "_scale", qt.scale),
     ]
     if qt.zero_point is not None:
-        inputs.append(_initializer(graph, names.fresh(base + "_zero_point"), qt.zero_point.astype(np_type), onnx_type))
+        inputs.append(add_initializer(graph, names, base + "_zero_point", qt.zero_point.astype(np_type), onnx_type))
     attributes = {}
     if qt.axis is not None:
         attributes["axis"] = qt.axis

@@ -20,7 +20,8 @@ from onnxcomp.calibration.statistics import ActivationStatistics
 from onnxcomp.config import QuantConfig
 from onnxcomp.layer_matrix import weight_from_matrix, weight_matrix
 from onnxcomp.layers import WeightLayer, find_weight_layers
-from onnxcomp.passes.quantize_weights import NameAllocator, skip_reason
+from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
+from onnxcomp.passes.quantize_weights import skip_reason
 from onnxcomp.report import Report
 
 
@@ -111,10 +112,7 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _divide_input(graph: ir.Graph, names: NameAllocator, value: ir.Value, layers: list[WeightLayer], inverse: np.ndarray) -> None:
-        name = names.fresh(value.name + "_smooth_scale")
-        tensor = ir.Tensor(inverse, name=name)
-        factor = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-        graph.register_initializer(factor)
+        factor = add_initializer(graph, names, value.name + "_smooth_scale", inverse)
         mul = ir.node("Mul", [value, factor], name=names.fresh(value.name + "_Smooth"))
         mul.outputs[0].name = names.fresh(value.name + "_smoothed")
         mul.outputs[0].type, mul.outputs[0].shape = value.type, value.shape

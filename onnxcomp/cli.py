@@ -88,6 +88,11 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @click.option("--min-elements", type=int, default=0, help="Weights with fewer elements stay in float.")
 @click.option("--keep-first-last-bits", type=int, default=None,
               help="Bit width for the first and last quantizable layers (REQuant keeps them at 8). Default: same as --bits.")
+@click.option("--magr", is_flag=True, default=False,
+              help="Before rounding, shrink each layer's largest weights while keeping its outputs on the calibration data (MagR).")
+@click.option("--magr-alpha", type=float, default=None,
+              help="MagR's ℓ∞ penalty. Default: 1e-3 per channel, 1e-4 with --granularity block.")
+@click.option("--magr-iters", type=int, default=200, help="MagR's proximal gradient iterations (it stops early when converged).")
 @click.option("--act-bits", type=int, default=None,
               help="Quantize the inputs of quantized layers to this many bits (8: uint8 QDQ that onnxruntime fuses "
                    "into integer kernels). Default: activations stay float.")
@@ -101,12 +106,13 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @click.option("--smooth-alpha", type=float, default=None,
               help="Smoothing strength in [0, 1]. Default: chosen per layer input by predicted output noise.")
 @_calibration_options
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="onnxruntime execution provider for calibration.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+              help="Where calibration (onnxruntime's CUDA provider) and the MagR solver (torch) run.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
 @_one_line_errors
 def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits,
-             act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
+             magr, magr_alpha, magr_iters, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
              calib, calib_samples, calib_batch, image_size, mean, std, layout, device, report_json, quiet):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
@@ -116,6 +122,7 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
     config = QuantConfig(
         bits=bits, granularity=Granularity(granularity), block_size=block_size, asymmetric=asymmetric,
         exclude=exclude, min_elements=min_elements, keep_first_last_bits=keep_first_last_bits,
+        magr=magr, magr_alpha=magr_alpha, magr_iters=magr_iters,
         act_bits=act_bits, act_calib=act_calib, percentile=percentile, act_min_depth=act_min_depth,
         smooth=not no_smooth, smooth_alpha=smooth_alpha,
     )

@@ -36,6 +36,9 @@ class QuantConfig:
     act_calib: str = "minmax"
     percentile: float = 99.99
     act_min_depth: int = 16  # layers summing fewer products keep float activations
+    magr: bool = False
+    magr_alpha: float | None = None  # None: 1e-3 per channel, 1e-4 per block (the paper's)
+    magr_iters: int = 200
     smooth: bool = True  # with act_bits: migrate activation outliers into the weights
     smooth_alpha: float | None = None  # None: chosen per input from a grid
 
@@ -70,6 +73,10 @@ class QuantConfig:
             raise ConfigError(f"--act-calib {self.act_calib} is not supported; choose one of {', '.join(ACTIVATION_METHODS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"--percentile {self.percentile} must be in (50, 100], for example 99.99")
+        if self.magr_alpha is not None and not self.magr_alpha > 0:
+            raise ConfigError(f"--magr-alpha {self.magr_alpha} must be positive, for example 1e-3")
+        if self.magr_iters < 1:
+            raise ConfigError(f"--magr-iters {self.magr_iters} must be at least 1")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"--smooth-alpha {self.smooth_alpha} must be in [0, 1]")
         if self.min_elements < 0:

@@ -12,6 +12,7 @@ from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.config import QuantConfig
 from onnxcomp.modelio import check_output_path, load_model, save_model
 from onnxcomp.passes.fold_bn import FoldBatchNormPass
+from onnxcomp.passes.magr import MagrPass
 from onnxcomp.passes.normalize import NormalizePass
 from onnxcomp.passes.quantize_activations import QuantizeActivationsPass
 from onnxcomp.passes.quantize_weights import QuantizeWeightsPass
@@ -25,6 +26,8 @@ def build_passes(
     passes = [NormalizePass(config.required_opset, report), FoldBatchNormPass(report)]
     if config.act_bits and config.smooth:
         passes.append(SmoothActivationsPass(config, calibration, report))
+    if config.magr:
+        passes.append(MagrPass(config, calibration, report, device=calibration.device, progress=progress))
     passes.append(QuantizeWeightsPass(config, report, progress=progress, calibration=calibration))
     if config.act_bits:
         passes += [TopologicalSortPass(), QuantizeActivationsPass(config, calibration, report)]

@@ -28,6 +28,20 @@ class LayerRecord:
 
 
 @dataclass
+class MagrRecord:
+    """What MagR did to one layer's weight."""
+
+    name: str
+    max_before: float  # max |w| over the layer
+    max_after: float
+    output_error: float  # ‖X(w′ − w)‖² / ‖Xw‖² on the calibration data
+    objective_start: float
+    objective_end: float
+    iterations: int
+    seconds: float
+
+
+@dataclass
 class Note:
     """A pass-level event that is not a quantized layer (a folded or refused BatchNorm...)."""
 
@@ -39,6 +53,7 @@ class Note:
 @dataclass
 class Report:
     layers: list[LayerRecord] = field(default_factory=list)
+    magr: list[MagrRecord] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     totals: dict[str, float | int | str] = field(default_factory=dict)
 
@@ -72,6 +87,15 @@ class Report:
                 row += (_range(r.act_range) if r.act_range is not None else "-",)
             rows.append(row + (f"{r.bytes_before:,}", f"{r.bytes_after:,}"))
         lines = format_table(rows).splitlines()
+        if self.magr:
+            lines += ["", "MagR:"] + format_table(
+                [("layer", "max|w| before", "max|w| after", "output error", "objective start", "objective end", "iters", "s")]
+                + [
+                    (_clip(m.name, 40), f"{m.max_before:.4g}", f"{m.max_after:.4g}", f"{m.output_error:.2e}",
+                     f"{m.objective_start:.4g}", f"{m.objective_end:.4g}", str(m.iterations), f"{m.seconds:.2f}")
+                    for m in self.magr
+                ]
+            ).splitlines()
         for r in self.layers:
             if r.note:
                 lines.append(f"note: {r.name}: {r.note}")

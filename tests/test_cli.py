@@ -176,3 +176,14 @@ def test_help_documents_calibration_options():
     for option in ("--calib ", "--calib-samples", "--calib-batch", "--image-size", "--layout", "--act-bits", "--act-calib", "--device"):
         assert option in text
     assert "[default: 128]" in text and "[default: minmax]" in text
+
+
+def test_compress_with_magr_from_cli(tmp_path):
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    result = invoke("compress", DIGITS, "--bits", 4, "--magr", "--magr-iters", 50, "--calib", MODELS / "digits_calib.npz",
+                    "-o", out, "--report-json", report)
+    assert result.exit_code == 0, result.output
+    assert "MagR:" in result.output and "max|w| before" in result.output
+    data = json.loads(report.read_text())
+    assert len(data["magr"]) == 6 and all(m["iterations"] <= 50 and m["max_after"] < m["max_before"] for m in data["magr"])
+    _one_line_error(invoke("compress", DIGITS, "--magr", "--magr-alpha", -1, "-o", out), "--magr-alpha -1.0", "positive")

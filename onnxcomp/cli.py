@@ -88,6 +88,15 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @click.option("--min-elements", type=int, default=0, help="Weights with fewer elements stay in float.")
 @click.option("--keep-first-last-bits", type=int, default=None,
               help="Bit width for the first and last quantizable layers (REQuant keeps them at 8). Default: same as --bits.")
+@click.option("--range-search", is_flag=True, default=False,
+              help="Search each scale's clipping ratio α in [--range-min, 1] by golden section (REQuant) instead of using the full range.")
+@click.option("--range-scope", type=click.Choice(["channel", "layer"]), default="channel",
+              help="One α per scale group (channel or block), or one per layer as in the REQuant paper.")
+@click.option("--range-objective", type=click.Choice(["mse", "output"]), default="mse",
+              help="What α minimizes: the weights' squared error, or the layer-output error on the calibration data (needs --calib).")
+@click.option("--range-min", type=float, default=0.2, help="Smallest clipping ratio the search considers.")
+@click.option("--sqrt", is_flag=True, default=False,
+              help="Quantize sign(w)·sqrt|w| (finer steps for small weights) and decode y·|y| with Abs and Mul; implies a range search.")
 @click.option("--magr", is_flag=True, default=False,
               help="Before rounding, shrink each layer's largest weights while keeping its outputs on the calibration data (MagR).")
 @click.option("--magr-alpha", type=float, default=None,
@@ -112,7 +121,7 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
 @_one_line_errors
 def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits,
-             magr, magr_alpha, magr_iters, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
+             range_search, range_scope, range_objective, range_min, sqrt, magr, magr_alpha, magr_iters, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
              calib, calib_samples, calib_batch, image_size, mean, std, layout, device, report_json, quiet):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
@@ -122,7 +131,8 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
     config = QuantConfig(
         bits=bits, granularity=Granularity(granularity), block_size=block_size, asymmetric=asymmetric,
         exclude=exclude, min_elements=min_elements, keep_first_last_bits=keep_first_last_bits,
-        magr=magr, magr_alpha=magr_alpha, magr_iters=magr_iters,
+        range_search=range_search, range_scope=range_scope, range_objective=range_objective, range_min=range_min,
+        sqrt=sqrt, magr=magr, magr_alpha=magr_alpha, magr_iters=magr_iters,
         act_bits=act_bits, act_calib=act_calib, percentile=percentile, act_min_depth=act_min_depth,
         smooth=not no_smooth, smooth_alpha=smooth_alpha,
     )

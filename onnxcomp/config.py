@@ -36,6 +36,11 @@ class QuantConfig:
     act_calib: str = "minmax"
     percentile: float = 99.99
     act_min_depth: int = 16  # layers summing fewer products keep float activations
+    range_search: bool = False
+    range_scope: str = "channel"  # "channel" (per scale group) or "layer" (one ratio per layer, as REQuant)
+    range_objective: str = "mse"  # "mse" (weights) or "output" (tr ΔWᵀHΔW on calibration data)
+    range_min: float = 0.2
+    sqrt: bool = False  # quantize sign(w)·√|w| and decode y·|y| (implies a range search)
     magr: bool = False
     magr_alpha: float | None = None  # None: 1e-3 per channel, 1e-4 per block (the paper's)
     magr_iters: int = 200
@@ -73,6 +78,12 @@ class QuantConfig:
             raise ConfigError(f"--act-calib {self.act_calib} is not supported; choose one of {', '.join(ACTIVATION_METHODS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"--percentile {self.percentile} must be in (50, 100], for example 99.99")
+        if self.range_scope not in ("channel", "layer"):
+            raise ConfigError(f"--range-scope {self.range_scope} is not supported; choose channel or layer")
+        if self.range_objective not in ("mse", "output"):
+            raise ConfigError(f"--range-objective {self.range_objective} is not supported; choose mse or output")
+        if not 0.0 < self.range_min < 1.0:
+            raise ConfigError(f"--range-min {self.range_min} must be in (0, 1), for example 0.2")
         if self.magr_alpha is not None and not self.magr_alpha > 0:
             raise ConfigError(f"--magr-alpha {self.magr_alpha} must be positive, for example 1e-3")
         if self.magr_iters < 1:

@@ -24,6 +24,7 @@ class LayerRecord:
     bytes_after: int = 0
     output_error: float | None = None  # tr(ΔWᵀHΔW) / tr(WᵀHW) on the calibration data
     act_range: tuple[float, float] | None = None  # quantized range of the layer's input
+    range_search: dict | None = None  # α chosen and errors before/after the search (and with sqrt)
     note: str = ""
 
 
@@ -66,8 +67,9 @@ class Report:
     def to_table(self) -> str:
         with_output = any(r.output_error is not None for r in self.layers)
         with_act = any(r.act_range is not None for r in self.layers)
+        with_search = any(r.range_search is not None for r in self.layers)
         header = ("layer", "op", "shape", "bits", "gran.", "grid", "range before", "range after", "rel. MSE")
-        header += ("out err",) * with_output + ("act range",) * with_act + ("bytes before", "bytes after")
+        header += ("α",) * with_search + ("out err",) * with_output + ("act range",) * with_act + ("bytes before", "bytes after")
         rows = [header]
         for r in self.layers:
             row = (
@@ -81,6 +83,9 @@ class Report:
                 _range(r.range_after) if r.bits else "-",
                 f"{r.relative_mse:.2e}" if r.bits else "-",
             )
+            if with_search:
+                search = r.range_search
+                row += ("-" if search is None else f"{search['alpha']:.3f}{' sqrt' if 'weight_mse_sqrt' in search else ''}",)
             if with_output:
                 row += (f"{r.output_error:.2e}" if r.output_error is not None else "-",)
             if with_act:

@@ -57,8 +57,9 @@ class Quantized:
     block_size: int | None
 
 
-def _grouped(w: np.ndarray, axis: int | None, block_size: int | None) -> tuple[np.ndarray, int]:
-    """A view of `w` and the axis of it that one scale covers (reduced over)."""
+def grouped_view(w: np.ndarray, axis: int | None, block_size: int | None) -> tuple[np.ndarray, int]:
+    """A view of `w` and the axis of it that one scale covers (reduced over): (channels, rest)
+    per channel, the blocked shape per block, (1, everything) per tensor."""
     if axis is None:
         return w.reshape(1, -1), 1
     if block_size is None:
@@ -76,6 +77,12 @@ def _to_layout(stat: np.ndarray, w_shape: tuple[int, ...], axis: int | None, blo
     if block_size is None:
         return stat.reshape(w_shape[axis])
     return stat.reshape(w_shape[:axis] + (w_shape[axis] // block_size,) + w_shape[axis + 1 :])
+
+
+def group_sums(values: np.ndarray, axis: int | None, block_size: int | None) -> np.ndarray:
+    """Sum of `values` (the weight's shape) over each scale group, in the scale's layout."""
+    groups, reduce = grouped_view(values, axis, block_size)
+    return _to_layout(groups.sum(axis=reduce), values.shape, axis, block_size)
 
 
 def expand(param: np.ndarray, w_shape: tuple[int, ...], axis: int | None, block_size: int | None) -> np.ndarray:
@@ -96,21 +103,23 @@ def quantize(
     axis: int | None = None,
     block_size: int | None = None,
     clip_ratio: np.ndarray | float = 1.0,
+    clip_ratio_low: np.ndarray | float | None = None,
 ) -> Quantized:
     """Round-to-nearest quantization of `w` onto `grid`.
 
     `clip_ratio` (in DequantizeLinear's scale layout, or a scalar) shrinks each group's
-    range before the scale is chosen; 1.0 keeps the full range (max-abs or min/max).
+    range before the scale is chosen; 1.0 keeps the full range (max-abs or min/max). On an
+    asymmetric grid, `clip_ratio_low` shrinks the lower end separately (default: the same).
     """
     if block_size is not None and w.shape[axis] % block_size:
         raise ValueError(f"axis {axis} of shape {w.shape} is not a multiple of block size {block_size}")
     w64 = w.astype(np.float64)
-    groups, reduce = _grouped(w64, axis, block_size)
+    groups, reduce = grouped_view(w64, axis, block_size)
     ratio = np.asarray(clip_ratio, dtype=np.float64)
     if grid.asymmetric:
-        lo = np.minimum(groups.min(axis=reduce), 0.0)
-        hi = np.maximum(groups.max(axis=reduce), 0.0)
-        lo, hi = (_to_layout(x, w.shape, axis, block_size) * ratio for x in (lo, hi))
+        low_ratio = ratio if clip_ratio_low is None else np.asarray(clip_ratio_low, dtype=np.float64)
+        lo = _to_layout(np.minimum(groups.min(axis=reduce), 0.0), w.shape, axis, block_size) * low_ratio
+        hi = _to_layout(np.maximum(groups.max(axis=reduce), 0.0), w.shape, axis, block_size) * ratio
         scale = (hi - lo) / (grid.qmax - grid.qmin)
     else:
         peak = np.expand_dims(np.abs(groups).argmax(axis=reduce), reduce)

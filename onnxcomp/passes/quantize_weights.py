@@ -16,6 +16,7 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.quantize import Quantized, dequantize, grid_for, quantize, relative_mse
 from onnxcomp.layer_matrix import relative_output_error
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
+from onnxcomp.passes.range_search import choose_range
 from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth
 from onnxcomp.report import LayerRecord, Report
 
@@ -108,6 +109,20 @@ def emit_dequantize(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, q
     return out
 
 
+def emit_sqrt_decode(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, y: ir.Value) -> ir.Value:
+    """y → y·|y| with Abs and Mul: the inverse of sqrt reshaping, in standard ONNX ops."""
+    base = layer.weight.name
+    magnitude = ir.node("Abs", [y], name=names.fresh(base + "_Abs"))
+    magnitude.outputs[0].name = names.fresh(base + "_abs")
+    decode = ir.node("Mul", [y, magnitude.outputs[0]], name=names.fresh(base + "_SqrtDecode"))
+    out = decode.outputs[0]
+    out.name = names.fresh(base + "_decoded")
+    for value in (magnitude.outputs[0], out):
+        value.type, value.shape = layer.weight.type, layer.weight.shape
+    graph.extend([magnitude, decode])  # placed by the topological sort that follows
+    return out
+
+
 def packed_bytes(qt: Quantized, bits: int) -> int:
     codes = (qt.q.size * storage_bits(bits) + 7) // 8
     zp = 0 if qt.zero_point is None else (qt.zero_point.size * storage_bits(bits) + 7) // 8
@@ -129,6 +144,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         layers = find_weight_layers(graph)
         check_block_size(layers, self.config)
         grams = {}
+        if self.config.range_objective == "output" and (self.calibration is None or not self.calibration.user_data):
+            raise ConfigError("--range-objective output needs calibration data: pass --calib with real inputs (or use mse)")
         if self.calibration is not None and self.calibration.user_data:
             stats = self.calibration.statistics(model, "the output error of each layer", layers=layers)
             grams = {node: record.gram.matrix for node, record in stats.layers.items()}
@@ -163,9 +180,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             return record
         axis, block_size, granularity, note = layout(layer, self.config)
         grid = grid_for(bits, self.config.asymmetric)
-        qt = quantize(w, grid, axis=axis, block_size=block_size)
-        w_hat = dequantize(qt)
+        sqrt = False
+        if self.config.range_search or self.config.sqrt:
+            choice = choose_range(layer, w, grid, axis, block_size, self.config, gram)
+            qt, w_hat, sqrt = choice.qt, choice.w_hat, choice.sqrt
+            record.range_search = choice.summary
+        else:
+            qt = quantize(w, grid, axis=axis, block_size=block_size)
+            w_hat = dequantize(qt)
         dq_out = emit_dequantize(graph, names, layer, qt, bits)
+        if sqrt:
+            dq_out = emit_sqrt_decode(graph, names, layer, dq_out)
         index = next(i for i, v in enumerate(layer.node.inputs) if v is layer.weight)
         layer.node.replace_input_with(index, dq_out)
         if not list(layer.weight.uses()) and layer.weight.name in graph.initializers:

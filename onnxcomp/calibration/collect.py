@@ -153,6 +153,8 @@ def collect(
     one = probe.run({name: array[:1] for name, array in first.items()})
     sizes = {v: one[v.name].nbytes * _count(first) for v in wanted}
     groups = _groups_within(sizes, memory_budget)
+    if len(groups) > 1:
+        probe = None  # one session per group instead; do not hold two copies of the weights
 
     total = calibration.samples * len(groups) if calibration.samples else None
     with tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False, mininterval=0, miniters=1) as bar:

@@ -15,9 +15,9 @@ from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.quantize import Quantized, dequantize, grid_for, quantize, relative_mse
 from onnxcomp.layer_matrix import relative_output_error
+from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 from onnxcomp.passes.range_search import choose_range
-from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth
 from onnxcomp.report import LayerRecord, Report
 
 # ONNX element type and numpy storage dtype of the codes, by (bits, signed).

@@ -1,0 +1,133 @@
+"""The torch bridge: gradients of every regularizer, DSMM's temperature, folding, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from onnxcomp.torch import RangeRegularizer, export_onnx
+from onnxcomp.torch.regularizers import KINDS
+
+from conftest import outputs
+
+
+def small_cnn(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.ReLU(),
+        nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 8 * 8, 3),
+    ).to(dtype)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("fold_bn,per_channel", [(False, False), (True, True)])
+def test_gradcheck_float64(kind, fold_bn, per_channel):
+    model = small_cnn(torch.float64)
+    with torch.no_grad():  # running statistics that are not all ones, so folding matters
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+    reg = RangeRegularizer(model, kind=kind, fold_bn=fold_bn, per_channel=per_channel).double()
+    if kind == "soft-min-max":
+        reg.temperatures.mul_(0.1)  # a softer max keeps finite differences smooth
+    layer = model[3]
+    learned = [p for p in reg.parameters()]
+
+    def loss(weight):
+        original = layer.weight
+        del layer.weight
+        layer.weight = weight
+        try:
+            return reg()
+        finally:
+            layer.weight = original
+
+    # L-inf's max has a kink only at ties, which random weights avoid.
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(loss, (weight,), eps=1e-6, atol=1e-5)
+    if learned:
+        params = [p.detach().clone().requires_grad_(True) for p in learned]
+        assert torch.autograd.gradcheck(lambda *ps: _value_with_params(reg, ps), tuple(params), eps=1e-6, atol=1e-5)
+
+
+def _value_with_params(reg, values):
+    """reg() with its learnable parameters replaced by `values` (tensors that require grad)."""
+    names = [name for name, _ in reg.named_parameters()]
+    saved = {name: getattr(reg, name) for name in names}
+    try:
+        for name, value in zip(names, values):
+            delattr(reg, name)
+            setattr(reg, name, value)
+        return reg()
+    finally:
+        for name, value in saved.items():
+            delattr(reg, name)
+            reg.register_parameter(name, value)
+
+
+def test_dsmm_temperature_grows_while_training():
+    model = small_cnn()
+    reg = RangeRegularizer(model, kind="dsmm", strength=0.01)
+    optimizer = torch.optim.SGD([*model.parameters(), *reg.parameters()], lr=0.1)
+    x, y = torch.randn(32, 1, 4, 4), torch.randint(0, 3, (32,))
+    start = reg.temperatures.detach().clone()
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(model(x), y) + reg()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.all(reg.temperatures > start)
+
+
+def test_regularizers_narrow_the_range():
+    for kind in KINDS:
+        model = small_cnn()
+        reg = RangeRegularizer(model, kind=kind, strength=1.0)
+        before = [s["range"] for s in reg.stats()]
+        optimizer = torch.optim.Adam([*model.parameters(), *reg.parameters()], lr=1e-2)
+        for _ in range(50):
+            loss = reg()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        after = [s["range"] for s in reg.stats()]
+        assert all(a < b for a, b in zip(after, before)), kind
+
+
+def test_fold_bn_sees_the_folded_weight():
+    model = small_cnn()
+    with torch.no_grad():
+        model[1].running_var.fill_(4.0)  # BN halves the first conv's outputs
+        model[1].weight.fill_(1.0)
+    plain = RangeRegularizer(model, kind="linf").stats()[0]["range"]
+    folded = RangeRegularizer(model, kind="linf", fold_bn=True).stats()[0]["range"]
+    assert folded == pytest.approx(plain / np.sqrt(4.0 + 1e-5), rel=1e-5)
+
+
+def test_half_precision_and_huge_temperatures_stay_finite():
+    model = small_cnn(torch.float16)
+    reg = RangeRegularizer(model, kind="dsmm", initial_temperature=1e4)
+    value = reg()
+    assert torch.isfinite(value) and value.dtype == torch.float32
+
+
+def test_include_exclude_and_unknown_kind():
+    model = small_cnn()
+    assert RangeRegularizer(model, include=nn.Linear).names == ["9"]
+    assert "0" not in RangeRegularizer(model, exclude=r"^0$").names
+    with pytest.raises(ValueError, match="kind 'l3'"):
+        RangeRegularizer(model, kind="l3")
+
+
+def test_export_runs_in_onnxruntime(tmp_path):
+    model = small_cnn().eval()
+    x = torch.randn(5, 1, 4, 4)
+    path = export_onnx(model, x, tmp_path / "cnn.onnx")
+    got = outputs(path, {"input": x.numpy()})["output"]
+    np.testing.assert_allclose(got, model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert model.training is False

@@ -5,10 +5,16 @@ Add `reg()` to the training loss and the regularizer's own parameters (DSMM's te
 the margins) to the optimizer. Every loss is computed in at least float32 whatever the
 autocast dtype (float64 weights stay float64), with log-sum-exp style softmaxes, so large
 temperatures and large tensors neither overflow nor underflow.
+
+Each kind writes its loss *and* its gradient per row in closed form; `reg()` is a single
+autograd node. On a small CNN, autograd's own bookkeeping for the few dozen tiny ops a
+regularizer needs per layer would cost more than a third of the training step; this way it
+costs what the arithmetic costs (gradients checked against finite differences in the tests).
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -20,7 +26,7 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """float16/bfloat16 → float32; float32 and float64 unchanged."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _covered(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
@@ -52,14 +58,31 @@ def _following_batch_norms(model: nn.Module) -> dict[nn.Module, nn.Module]:
     return pairs
 
 
+class _Loss(torch.autograd.Function):
+    """reg() as one autograd node: forward computes the loss and every gradient at once."""
+
+    @staticmethod
+    def forward(ctx, reg, *inputs):
+        loss, grads = reg._loss_and_grads(inputs)
+        ctx.grads = grads
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (None, *[None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads])
+
+
 class RangeRegularizerBase(nn.Module):
     """Which weights are covered, how strongly, and the per-layer statistics.
 
     `fold_bn=True` regularizes W·γ/√(σ²+ε) per output channel for layers followed by a
     BatchNorm: the ONNX passes fold the BatchNorm first and quantize *that* weight, whose
-    range can differ a lot from W's. `per_channel=True` penalizes each output channel's range
-    (what per-channel quantization sees) instead of the whole layer's; the layer's loss is
-    then the mean over its channels.
+    range can differ a lot from W's (γ gets its share of the gradient). `per_channel=True`
+    penalizes each output channel's range (what per-channel quantization sees) instead of
+    the whole layer's; the layer's loss is then the mean over its channels.
+
+    Subclasses give, for a layer's rows (R, n), each row's loss, its gradient (R, n) and
+    the gradient for the layer's own learnable scalar (or None).
     """
 
     def __init__(self, model: nn.Module, strength: float = 0.01, include=None, exclude=None,
@@ -75,29 +98,78 @@ class RangeRegularizerBase(nn.Module):
         norms = _following_batch_norms(model) if fold_bn else {}
         self._norms = [norms.get(module) for module in self._layers]
 
-    def effective_weight(self, index: int) -> torch.Tensor:
-        """The weight the quantizer will see, as (output channels, everything else), float32."""
-        layer, norm = self._layers[index], self._norms[index]
-        w = _wide(layer.weight)
-        transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
-        if transposed:  # (C_in, C_out/g, k...) → output channels first
+    # --- layout -------------------------------------------------------------------------
+
+    def _output_first(self, index: int, w: torch.Tensor) -> torch.Tensor:
+        """(output channels, everything else) view of a weight in the layer's layout."""
+        layer = self._layers[index]
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # (C_in, C_out/g, k...) → outputs first
             g = layer.groups
             w = w.reshape(g, w.shape[0] // g, *w.shape[1:]).transpose(1, 2).reshape(-1, w.shape[0] // g, *w.shape[2:])
-        w = w.reshape(w.shape[0], -1)
-        if norm is not None:
-            w = w * (_wide(norm.weight) / torch.sqrt(_wide(norm.running_var) + norm.eps))[:, None]
-        return w
+        return w.reshape(w.shape[0], -1)
 
-    def layer_loss(self, index: int, w: torch.Tensor) -> torch.Tensor:
+    def _layer_layout(self, index: int, rows: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_output_first`: a gradient back in the weight's own shape."""
+        layer = self._layers[index]
+        shape = layer.weight.shape
+        if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+            g = layer.groups
+            per_group = rows.reshape(g, shape[1], shape[0] // g, *shape[2:]).transpose(1, 2)
+            return per_group.reshape(shape)
+        return rows.reshape(shape)
+
+    def _inverse_std(self, index: int) -> torch.Tensor | None:
+        norm = self._norms[index]
+        return None if norm is None else torch.rsqrt(_wide(norm.running_var) + norm.eps)
+
+    def effective_weight(self, index: int) -> torch.Tensor:
+        """The weight the quantizer will see, as (output channels, everything else)."""
+        w = self._output_first(index, _wide(self._layers[index].weight))
+        inverse_std = self._inverse_std(index)
+        return w if inverse_std is None else w * (_wide(self._norms[index].weight) * inverse_std)[:, None]
+
+    # --- loss ---------------------------------------------------------------------------
+
+    def layer_params(self) -> list[torch.Tensor]:
+        """The learnable per-layer scalars, as one tensor (or nothing)."""
+        return []
+
+    def row_loss_and_grads(self, index: int, rows: torch.Tensor):
         raise NotImplementedError
 
+    def _inputs(self) -> list[torch.Tensor]:
+        weights = [layer.weight for layer in self._layers]
+        gammas = [norm.weight for norm in self._norms if norm is not None]
+        return [*weights, *gammas, *self.layer_params()]
+
     def forward(self) -> torch.Tensor:
-        total = 0.0
-        for index in range(len(self._layers)):
-            w = self.effective_weight(index)
+        return _Loss.apply(self, *self._inputs())
+
+    @torch.no_grad()
+    def _loss_and_grads(self, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        count = len(self._layers)
+        weight_grads, gamma_grads = [], []
+        params = self.layer_params()
+        param_grad = torch.zeros_like(_wide(params[0])) if params else None
+        total = torch.zeros((), dtype=_wide(self._layers[0].weight).dtype, device=self._layers[0].weight.device)
+        for index in range(count):
+            raw = self._output_first(index, _wide(self._layers[index].weight))
+            inverse_std = self._inverse_std(index)
+            factor = None if inverse_std is None else _wide(self._norms[index].weight) * inverse_std
+            w = raw if factor is None else raw * factor[:, None]
             rows = w if self.per_channel else w.reshape(1, -1)
-            total = total + self.layer_loss(index, rows).mean()
-        return self.strength * total
+            losses, grad_rows, grad_param = self.row_loss_and_grads(index, rows)
+            share = 1.0 / rows.shape[0]  # the layer's loss is the mean over its rows
+            total = total + losses.sum() * share
+            grad_w = grad_rows.reshape(w.shape) * share
+            if factor is not None:
+                gamma_grads.append(((grad_w * raw).sum(dim=1) * inverse_std).to(self._norms[index].weight.dtype))
+                grad_w = grad_w * factor[:, None]
+            weight_grads.append(self._layer_layout(index, grad_w).to(self._layers[index].weight.dtype))
+            if grad_param is not None:
+                param_grad[index] = grad_param * share
+        grads = [*weight_grads, *gamma_grads] + ([param_grad.to(params[0].dtype)] if params else [])
+        return self.strength * total, [self.strength * g for g in grads]
 
     @torch.no_grad()
     def stats(self) -> list[dict]:
@@ -119,14 +191,18 @@ class RangeRegularizerBase(nn.Module):
 
 
 class LInfRegularizer(RangeRegularizerBase):
-    """R2 L-inf (R2-Loss, arXiv 2303.08253): L = max|w| of the layer (or of each channel)."""
+    """R2 L-inf (R2-Loss, arXiv 2303.08253): L = max|w| of the layer (or of each channel);
+    its gradient is sign(w) at the largest magnitude."""
 
-    def layer_loss(self, index, rows):
-        return rows.abs().amax(dim=1)
+    def row_loss_and_grads(self, index, rows):
+        magnitude = rows.abs()
+        peak, where = magnitude.max(dim=1, keepdim=True)
+        grad = torch.zeros_like(rows).scatter_(1, where, torch.sign(rows.gather(1, where)))
+        return peak.squeeze(1), grad, None
 
 
 class MarginRegularizer(RangeRegularizerBase):
-    """R2 Margin: a learnable margin M ≥ 0 per layer, L = mean(max(|w| − M, 0)²) + M.
+    """R2 Margin: a learnable margin M per layer, L = mean(max(|w| − |M|, 0)²) + |M|.
     The first term pulls weights inside the margin, the second shrinks the margin."""
 
     def __init__(self, model, strength=0.01, **options):
@@ -135,26 +211,41 @@ class MarginRegularizer(RangeRegularizerBase):
             start = [0.5 * self.effective_weight(i).abs().max() for i in range(len(self._layers))]
         self.margins = nn.Parameter(torch.stack(start).float())
 
-    def layer_loss(self, index, rows):
-        margin = self.margins[index].abs().to(rows.dtype)
-        return torch.relu(rows.abs() - margin).pow(2).mean(dim=1) + margin
+    def layer_params(self):
+        return [self.margins]
+
+    def row_loss_and_grads(self, index, rows):
+        m = _wide(self.margins[index]).to(rows.dtype)
+        margin = m.abs()
+        excess = torch.relu(rows.abs() - margin)
+        n = rows.shape[1]
+        losses = (excess * excess).sum(dim=1) / n + margin
+        grad = 2.0 * excess * torch.sign(rows) / n
+        grad_margin = (1.0 - 2.0 * excess.sum(dim=1) / n).sum() * torch.sign(m)
+        return losses, grad, grad_margin
 
     def learned(self, index):
         return {"margin": float(self.margins[index].abs())}
 
 
-def soft_range(rows: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """s_max − s_min per row: softmax(α·w)- and softmax(−α·w)-weighted means of w (DSMM's
-    Eq. 1; softmax subtracts the row's max internally, the W_max shift of the paper)."""
-    temperature = temperature.to(rows.dtype)
-    s_max = (rows * torch.softmax(temperature * rows, dim=1)).sum(dim=1)
-    s_min = (rows * torch.softmax(-temperature * rows, dim=1)).sum(dim=1)
-    return s_max - s_min
+def soft_range_and_grads(rows: torch.Tensor, alpha: float):
+    """s_max − s_min per row (DSMM's Eq. 1): the softmax(α·w)- and softmax(−α·w)-weighted
+    means of w (softmax subtracts the row's max: the paper's W_max and W_min shifts), with
+    d/dw = p(1 + α(w − s_max)) − q(1 − α(w − s_min)) and d/dα = Var_p(w) + Var_q(w)."""
+    scaled = rows * alpha
+    p = torch.softmax(scaled, dim=1)
+    q = torch.softmax(scaled.neg_(), dim=1)
+    above = rows - (p * rows).sum(dim=1, keepdim=True)  # w − s_max
+    below = rows - (q * rows).sum(dim=1, keepdim=True)  # w − s_min
+    p_above, q_below = p * above, q * below
+    grad = (p - q).add_(p_above.add(q_below), alpha=alpha)
+    grad_alpha = (p_above.mul_(above).add_(q_below.mul_(below))).sum(dim=1)
+    return (below - above)[:, 0], grad, grad_alpha
 
 
 class SoftMinMaxRegularizer(RangeRegularizerBase):
-    """R2 Soft-Min-Max: L = s_max − s_min with a fixed temperature per layer, set so that
-    α·std(w) = `sharpness` (the temperature is in units of the weights)."""
+    """R2 Soft-Min-Max: L = s_max − s_min (as in DSMM) with a fixed temperature per layer,
+    set so that α·std(w) = `sharpness` (the temperature is in units of the weights)."""
 
     def __init__(self, model, strength=0.01, sharpness: float = 5.0, **options):
         super().__init__(model, strength, **options)
@@ -162,8 +253,9 @@ class SoftMinMaxRegularizer(RangeRegularizerBase):
             temps = [sharpness / self.effective_weight(i).std().clamp(min=1e-8) for i in range(len(self._layers))]
         self.register_buffer("temperatures", torch.stack(temps).float())
 
-    def layer_loss(self, index, rows):
-        return soft_range(rows, self.temperatures[index])
+    def row_loss_and_grads(self, index, rows):
+        losses, grad, _ = soft_range_and_grads(rows, float(self.temperatures[index]))
+        return losses, grad, None
 
     def learned(self, index):
         return {"temperature": float(self.temperatures[index])}
@@ -178,9 +270,14 @@ class DSMMRegularizer(RangeRegularizerBase):
         super().__init__(model, strength, **options)
         self.temperatures = nn.Parameter(torch.full((len(self._layers),), float(initial_temperature)))
 
-    def layer_loss(self, index, rows):
-        alpha = _wide(self.temperatures[index])
-        return soft_range(rows, alpha) + torch.exp(-alpha)
+    def layer_params(self):
+        return [self.temperatures]
+
+    def row_loss_and_grads(self, index, rows):
+        alpha = float(self.temperatures[index])
+        losses, grad, grad_alpha = soft_range_and_grads(rows, alpha)
+        decay = math.exp(-alpha)
+        return losses + decay, grad, grad_alpha.sum() - decay * rows.shape[0]
 
     def learned(self, index):
         return {"temperature": float(self.temperatures[index])}

@@ -97,6 +97,8 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @click.option("--range-min", type=float, default=0.2, help="Smallest clipping ratio the search considers.")
 @click.option("--sqrt", is_flag=True, default=False,
               help="Quantize sign(w)·sqrt|w| (finer steps for small weights) and decode y·|y| with Abs and Mul; implies a range search.")
+@click.option("--bias-correction", is_flag=True, default=False,
+              help="Subtract each layer's mean output shift E[x]·ΔW, measured on --calib data, from its bias.")
 @click.option("--magr", is_flag=True, default=False,
               help="Before rounding, shrink each layer's largest weights while keeping its outputs on the calibration data (MagR).")
 @click.option("--magr-alpha", type=float, default=None,
@@ -121,7 +123,7 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
 @_one_line_errors
 def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits,
-             range_search, range_scope, range_objective, range_min, sqrt, magr, magr_alpha, magr_iters, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
+             range_search, range_scope, range_objective, range_min, sqrt, bias_correction, magr, magr_alpha, magr_iters, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
              calib, calib_samples, calib_batch, image_size, mean, std, layout, device, report_json, quiet):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
@@ -132,7 +134,7 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
         bits=bits, granularity=Granularity(granularity), block_size=block_size, asymmetric=asymmetric,
         exclude=exclude, min_elements=min_elements, keep_first_last_bits=keep_first_last_bits,
         range_search=range_search, range_scope=range_scope, range_objective=range_objective, range_min=range_min,
-        sqrt=sqrt, magr=magr, magr_alpha=magr_alpha, magr_iters=magr_iters,
+        sqrt=sqrt, bias_correction=bias_correction, magr=magr, magr_alpha=magr_alpha, magr_iters=magr_iters,
         act_bits=act_bits, act_calib=act_calib, percentile=percentile, act_min_depth=act_min_depth,
         smooth=not no_smooth, smooth_alpha=smooth_alpha,
     )

@@ -41,6 +41,7 @@ class QuantConfig:
     range_objective: str = "mse"  # "mse" (weights) or "output" (tr ΔWᵀHΔW on calibration data)
     range_min: float = 0.2
     sqrt: bool = False  # quantize sign(w)·√|w| and decode y·|y| (implies a range search)
+    bias_correction: bool = False  # subtract E[x]·ΔW from each layer's bias (needs calibration data)
     magr: bool = False
     magr_alpha: float | None = None  # None: 1e-3 per channel, 1e-4 per block (the paper's)
     magr_iters: int = 200

@@ -13,14 +13,21 @@ _GRAM_CHUNK_ELEMENTS = 1 << 24
 
 @dataclass
 class Gram:
-    """H = XᵀX per group (float64), over every row the layer has multiplied so far."""
+    """H = XᵀX per group (float64), and the rows' sum, over every row the layer has
+    multiplied so far."""
 
     matrix: np.ndarray  # (groups, reduction, reduction)
+    sums: np.ndarray  # (groups, reduction)
     rows: int = 0
 
     @classmethod
     def empty(cls, groups: int, reduction: int) -> Gram:
-        return cls(np.zeros((groups, reduction, reduction), dtype=np.float64))
+        return cls(np.zeros((groups, reduction, reduction)), np.zeros((groups, reduction)))
+
+    @property
+    def mean(self) -> np.ndarray:
+        """E[x] per group: the mean input row."""
+        return self.sums / max(self.rows, 1)
 
     def add(self, rows: np.ndarray) -> None:
         """rows: (groups, n, reduction)."""
@@ -28,6 +35,7 @@ class Gram:
         for start in range(0, rows.shape[1], step):
             chunk = rows[:, start : start + step].astype(np.float64)
             self.matrix += np.matmul(chunk.transpose(0, 2, 1), chunk)
+            self.sums += chunk.sum(axis=1)
         self.rows += rows.shape[1]
 
 

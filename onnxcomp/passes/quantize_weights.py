@@ -11,11 +11,13 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from onnxcomp.calibration.analysis import Calibration
+from onnxcomp.calibration.statistics import Gram
 from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.quantize import Quantized, dequantize, grid_for, quantize, relative_mse
 from onnxcomp.layer_matrix import relative_output_error
 from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth
+from onnxcomp.passes.bias_correction import correct_bias
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 from onnxcomp.passes.range_search import choose_range
 from onnxcomp.report import LayerRecord, Report
@@ -144,11 +146,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         layers = find_weight_layers(graph)
         check_block_size(layers, self.config)
         grams = {}
-        if self.config.range_objective == "output" and (self.calibration is None or not self.calibration.user_data):
+        real_data = self.calibration is not None and self.calibration.user_data
+        if self.config.range_objective == "output" and not real_data:
             raise ConfigError("--range-objective output needs calibration data: pass --calib with real inputs (or use mse)")
+        if self.config.bias_correction and not real_data:
+            raise ConfigError("--bias-correction needs calibration data: pass --calib with real inputs")
         if self.calibration is not None and self.calibration.user_data:
             stats = self.calibration.statistics(model, "the output error of each layer", layers=layers)
-            grams = {node: record.gram.matrix for node, record in stats.layers.items()}
+            grams = {node: record.gram for node, record in stats.layers.items()}
         names = NameAllocator(graph)
         modified = False
         edge = {id(layers[0]), id(layers[-1])} if layers and self.config.keep_first_last_bits else set()
@@ -162,7 +167,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _quantize_layer(
-        self, graph: ir.Graph, names: NameAllocator, layer: WeightLayer, bits: int, gram: np.ndarray | None
+        self, graph: ir.Graph, names: NameAllocator, layer: WeightLayer, bits: int, gram: Gram | None
     ) -> LayerRecord:
         w = layer.weight.const_value.numpy()
         record = LayerRecord(
@@ -182,7 +187,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         grid = grid_for(bits, self.config.asymmetric)
         sqrt = False
         if self.config.range_search or self.config.sqrt:
-            choice = choose_range(layer, w, grid, axis, block_size, self.config, gram)
+            choice = choose_range(layer, w, grid, axis, block_size, self.config, None if gram is None else gram.matrix)
             qt, w_hat, sqrt = choice.qt, choice.w_hat, choice.sqrt
             record.range_search = choice.summary
         else:
@@ -200,8 +205,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         record.grid = f"{'u' if grid.asymmetric else ''}int{storage_bits(bits)} {grid.label}"
         record.range_after = (float(w_hat.min()), float(w_hat.max()))
         record.relative_mse = relative_mse(w, w_hat)
-        if gram is not None:
-            record.output_error = relative_output_error(layer, gram, w, w_hat)
         record.bytes_after = packed_bytes(qt, bits)
         record.note = note
+        if gram is not None:
+            record.output_error = relative_output_error(layer, gram.matrix, w, w_hat)
+            if self.config.bias_correction:
+                corrected = correct_bias(graph, names, layer, gram.mean, w, w_hat) is not None
+                record.note = "; ".join(filter(None, [note, "bias corrected" if corrected else "no bias to correct"]))
         return record

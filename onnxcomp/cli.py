@@ -157,12 +157,45 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
 @_one_line_errors
 def inspect(model, as_json):
-    """Per-layer weight statistics of MODEL: shape, min, max, std, max/std, kurtosis."""
+    """Per-layer weight statistics of MODEL: shape, min, max, std, max/std, kurtosis. For an
+    .onnxc container: per coded tensor, bits per weight stored against the symbols' entropy."""
     from onnxcomp.inspect import model_stats, stats_table
     from onnxcomp.modelio import load_model
 
+    if Path(model).suffix == ".onnxc":
+        from onnxcomp.container.files import container_table
+
+        click.echo(container_table(model, as_json))
+        return
+
     stats = model_stats(load_model(model))
     click.echo(json.dumps([asdict(s) for s in stats], indent=2) if as_json else stats_table(stats))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Output path. Default: MODEL with .onnxc in place of .onnx.")
+@_one_line_errors
+def pack(model, output):
+    """Entropy-code MODEL's integer weights into an .onnxc container (lossless: unpack gives the same bytes)."""
+    from onnxcomp.container.files import pack_file
+
+    target = Path(output) if output else Path(model).with_suffix(".onnxc")
+    before, after = pack_file(model, target)
+    click.echo(f"wrote {target}: {after:,} bytes ({after / before:.3f} of {before:,})")
+
+
+@main.command()
+@click.argument("container", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Output path. Default: CONTAINER with .onnx in place of .onnxc.")
+@_one_line_errors
+def unpack(container, output):
+    """Decode an .onnxc container back into the exact ONNX file it was packed from."""
+    from onnxcomp.container.files import unpack_file
+
+    target = Path(output) if output else Path(container).with_suffix(".onnx")
+    unpack_file(container, target)
+    click.echo(f"wrote {target}")
 
 
 @main.command("calib-info")

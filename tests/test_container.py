@@ -1,0 +1,102 @@
+"""The .onnxc container: exact round trips, size near the entropy bound, and every damaged
+file refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxcomp import QuantConfig, compress
+from onnxcomp.container.format import ContainerError, describe, from_symbols, pack, to_symbols, unpack
+from onnxcomp.modelio import load_model, save_model
+
+from conftest import MODELS
+from test_cli import _one_line_error, invoke
+
+
+@pytest.mark.parametrize("path", sorted(MODELS.glob("*.onnx")), ids=lambda p: p.name)
+def test_round_trip_is_byte_identical_for_bundled_models(path):
+    data = path.read_bytes()
+    assert unpack(pack(data)) == data
+
+
+@pytest.fixture(scope="module")
+def quantized_minilm(minilm, tmp_path_factory):
+    paths = {}
+    for bits in (8, 4, 2):
+        model, _ = compress(load_model(minilm), QuantConfig(bits=bits))
+        paths[bits] = tmp_path_factory.mktemp("q") / f"minilm.q{bits}.onnx"
+        save_model(model, paths[bits])
+    return paths
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_minilm_round_trip_and_entropy_bound(quantized_minilm, bits):
+    data = quantized_minilm[bits].read_bytes()
+    blob = pack(data)
+    assert unpack(blob) == data
+    infos, _ = describe(blob)
+    assert len(infos) >= 39 and {i.bits for i in infos} == {bits}
+    coded = sum(i.stored_bytes for i in infos)
+    bound = sum(i.entropy_bits * i.elements / 8 for i in infos)
+    assert coded <= bound * 1.01  # the stored probability models included
+    assert len(blob) < len(data)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_symbols_round_trip(bits):
+    rng = np.random.default_rng(bits)
+    for count in (1, 7, 64, 1001):
+        symbols = rng.integers(0, 1 << bits, count)
+        packed = from_symbols(symbols, bits)
+        assert len(packed) == -(-count * bits // 8)
+        np.testing.assert_array_equal(to_symbols(packed, bits, count), symbols)
+
+
+@pytest.fixture(scope="module")
+def small_container(tmp_path_factory):
+    model, _ = compress(load_model(MODELS / "digits_cnn.onnx"), QuantConfig(bits=4))
+    path = tmp_path_factory.mktemp("c") / "digits.q4.onnx"
+    save_model(model, path)
+    return path.read_bytes(), pack(path.read_bytes())
+
+
+def test_truncations_are_refused(small_container):
+    _, blob = small_container
+    for length in sorted({0, 1, 5, 6, 7, 10, 14, 15, len(blob) // 3, len(blob) // 2, len(blob) - 1}):
+        with pytest.raises(ContainerError):
+            unpack(blob[:length])
+
+
+def test_byte_flips_at_1000_positions_are_refused(small_container):
+    _, blob = small_container
+    rng = np.random.default_rng(0)
+    for position in rng.choice(len(blob), size=min(1000, len(blob)), replace=False):
+        damaged = bytearray(blob)
+        damaged[position] ^= int(rng.integers(1, 256))
+        with pytest.raises(ContainerError):
+            unpack(bytes(damaged))
+
+
+def test_foreign_files_are_refused():
+    with pytest.raises(ContainerError, match="not an onnxcomp container"):
+        unpack((MODELS / "digits_cnn.onnx").read_bytes())
+    with pytest.raises(ContainerError, match="not a serialized ONNX model"):
+        pack(b"\xff" * 64)
+
+
+def test_cli_pack_unpack_inspect(tmp_path, small_container):
+    data, _ = small_container
+    source = tmp_path / "m.onnx"
+    source.write_bytes(data)
+    assert invoke("pack", source, "-o", tmp_path / "m.onnxc").exit_code == 0
+    result = invoke("unpack", tmp_path / "m.onnxc", "-o", tmp_path / "back.onnx")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "back.onnx").read_bytes() == data
+    table = invoke("inspect", tmp_path / "m.onnxc").output
+    assert "entropy bits/weight" in table and "10.weight_q" in table
+    damaged = bytearray((tmp_path / "m.onnxc").read_bytes())
+    damaged[-5] ^= 0xFF
+    (tmp_path / "bad.onnxc").write_bytes(bytes(damaged))
+    _one_line_error(invoke("unpack", tmp_path / "bad.onnxc", "-o", tmp_path / "x.onnx"), "checksum", "corrupted")
+    _one_line_error(invoke("unpack", source, "-o", tmp_path / "y.onnx"), "not an onnxcomp container")

@@ -71,6 +71,24 @@ def _calib_options(calib_samples, calib_batch, image_size, mean, std, layout):
     )
 
 
+def _compress_and_pack(source: Path, target: Path, config, calibration, progress: bool):
+    """Compress to a temporary QDQ model beside the target, then pack it into `target`."""
+    import tempfile
+
+    from onnxcomp.container.files import pack_file
+    from onnxcomp.modelio import check_output_path
+    from onnxcomp.pipeline import compress_file
+
+    check_output_path(target, source)
+    with tempfile.TemporaryDirectory(dir=target.resolve().parent, prefix=".onnxcomp-") as tmp:
+        qdq = Path(tmp) / (source.stem + ".onnx")
+        report = compress_file(source, qdq, config, calibration=calibration, progress=progress)
+        _, packed = pack_file(qdq, target)
+    report.totals["container size"] = packed
+    report.totals["container ratio"] = round(packed / report.totals["file size before"], 4)
+    return report
+
+
 def _show_warnings(message, category, filename, lineno, file=None, line=None):
     click.echo(f"onnxcomp: warning: {message}", err=True)
 
@@ -119,12 +137,14 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @_calibration_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help="Where calibration (onnxruntime's CUDA provider) and the MagR solver (torch) run.")
+@click.option("--entropy-code", is_flag=True, default=False,
+              help="Write an .onnxc container (integer weights ANS-coded; `onnxcomp unpack` gives the QDQ model back).")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
 @_one_line_errors
 def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits,
              range_search, range_scope, range_objective, range_min, sqrt, bias_correction, magr, magr_alpha, magr_iters, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
-             calib, calib_samples, calib_batch, image_size, mean, std, layout, device, report_json, quiet):
+             calib, calib_samples, calib_batch, image_size, mean, std, layout, device, entropy_code, report_json, quiet):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
     from onnxcomp.calibration.analysis import Calibration
@@ -142,9 +162,12 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
         calib, _calib_options(calib_samples, calib_batch, image_size, mean, std, layout), device=device, progress=not quiet
     )
     source = Path(model)
-    target = Path(output) if output else source.with_suffix(f".q{bits}.onnx")
+    target = Path(output) if output else source.with_suffix(".onnxc" if entropy_code else f".q{bits}.onnx")
     warnings.showwarning = _show_warnings
-    report = compress_file(source, target, config, calibration=calibration, progress=not quiet)
+    if entropy_code:
+        report = _compress_and_pack(source, target, config, calibration, progress=not quiet)
+    else:
+        report = compress_file(source, target, config, calibration=calibration, progress=not quiet)
     if report_json:
         Path(report_json).write_text(report.to_json())
     if not quiet:

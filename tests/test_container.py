@@ -100,3 +100,18 @@ def test_cli_pack_unpack_inspect(tmp_path, small_container):
     (tmp_path / "bad.onnxc").write_bytes(bytes(damaged))
     _one_line_error(invoke("unpack", tmp_path / "bad.onnxc", "-o", tmp_path / "x.onnx"), "checksum", "corrupted")
     _one_line_error(invoke("unpack", source, "-o", tmp_path / "y.onnx"), "not an onnxcomp container")
+
+
+def test_compress_entropy_code_writes_a_container_that_unpacks_to_the_qdq_model(tmp_path):
+    import json
+
+    out, report = tmp_path / "d.onnxc", tmp_path / "r.json"
+    result = invoke("compress", MODELS / "digits_cnn.onnx", "--bits", 4, "--entropy-code", "-o", out, "--report-json", report, "-q")
+    assert result.exit_code == 0, result.output
+    totals = json.loads(report.read_text())["totals"]
+    assert totals["container size"] == out.stat().st_size < totals["file size after"]
+    assert invoke("unpack", out, "-o", tmp_path / "d.onnx").exit_code == 0
+    qdq = tmp_path / "direct.onnx"
+    assert invoke("compress", MODELS / "digits_cnn.onnx", "--bits", 4, "-o", qdq, "-q").exit_code == 0
+    assert (tmp_path / "d.onnx").read_bytes() == qdq.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "d.onnxc", "direct.onnx", "r.json"]

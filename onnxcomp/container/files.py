@@ -13,8 +13,14 @@ from onnxcomp.report import format_table
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Write beside `path`, then rename: a reader never sees a half-written file."""
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".onnxcomp-", delete=False) as tmp:
-        tmp.write(data)
+        try:
+            tmp.write(data)
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
     os.replace(tmp.name, path)
 
 

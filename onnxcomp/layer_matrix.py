@@ -13,7 +13,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.layers import WeightLayer
+from onnxcomp.layers import WeightLayer, attr_int
 
 MATRIX_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -113,8 +113,7 @@ def input_rows(layer: WeightLayer, x: np.ndarray) -> np.ndarray:
     if op == "MatMul":
         return x.reshape(1, -1, x.shape[-1])
     if op == "Gemm":
-        transposed = node.attributes.get("transA") is not None and node.attributes["transA"].as_int()
-        return (x.T if transposed else x)[None]
+        return (x.T if attr_int(node, "transA", 0) else x)[None]
     shape = tuple(layer.weight.shape)
     if op == "Conv":
         return _conv_rows(node, x, shape, layer.groups)

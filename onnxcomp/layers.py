@@ -34,10 +34,11 @@ class WeightLayer:
 
     @property
     def groups(self) -> int:
-        return _attr_int(self.node, "group", 1) if self.node.op_type in ("Conv", "ConvTranspose") else 1
+        return attr_int(self.node, "group", 1) if self.node.op_type in ("Conv", "ConvTranspose") else 1
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
+def attr_int(node: ir.Node, name: str, default: int) -> int:
+    """An integer attribute of `node`, or `default` where it is absent."""
     attr = node.attributes.get(name)
     return default if attr is None else attr.as_int()
 
@@ -82,12 +83,12 @@ def weight_layer(node: ir.Node, include_quantized: bool = False) -> WeightLayer 
             return WeightLayer(node, inputs[1], channel_axis=0, reduction_axis=1)
         return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
     if op == "Gemm" and len(inputs) > 1 and usable(inputs[1]):
-        if _attr_int(node, "transB", 0):
+        if attr_int(node, "transB", 0):
             return WeightLayer(node, inputs[1], channel_axis=0, reduction_axis=1)
         return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
     if op == "MatMul" and len(inputs) > 1 and usable(inputs[1]) and len(inputs[1].shape or ()) == 2:
         return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
-    if op == "Gather" and usable(inputs[0]) and len(inputs[0].shape or ()) == 2 and _attr_int(node, "axis", 0) == 0:
+    if op == "Gather" and usable(inputs[0]) and len(inputs[0].shape or ()) == 2 and attr_int(node, "axis", 0) == 0:
         # An embedding table: one scale per row, blocks along the embedding dimension.
         return WeightLayer(node, inputs[0], channel_axis=0, reduction_axis=1)
     return None

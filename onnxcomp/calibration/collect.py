@@ -19,7 +19,7 @@ from onnxcomp.calibration.sources import CalibrationSet, Feeds
 from onnxcomp.calibration.statistics import ActivationStatistics, Gram, LayerStatistics
 from onnxcomp.errors import CalibrationError
 from onnxcomp.layer_matrix import UnsupportedLayer, input_rows
-from onnxcomp.layers import WeightLayer, reduction_depth
+from onnxcomp.layers import WeightLayer, attr_int, reduction_depth
 from onnxcomp.runtime import providers_for
 
 # Input rows expanded at once (im2col multiplies a convolution's input by its kernel size).
@@ -44,7 +44,7 @@ def _gram_shape(layer: WeightLayer) -> tuple[int, int]:
 def _same_rows(a: WeightLayer, b: WeightLayer) -> bool:
     """Layers reading one input as plain rows (attention's Q, K and V) share one Gram."""
     plain = ("MatMul", "Gemm")
-    transposed = any(x.node.attributes.get("transA") is not None and x.node.attributes["transA"].as_int() for x in (a, b))
+    transposed = any(attr_int(x.node, "transA", 0) for x in (a, b))
     return a.node.op_type in plain and b.node.op_type in plain and not transposed and _gram_shape(a) == _gram_shape(b)
 
 

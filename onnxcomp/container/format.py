@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxcomp.container.wire import INTEGER_BITS, RawTensor, WireError, integer_initializers
+from onnxcomp.container.wire import INTEGER_BITS, WireError, integer_initializers
 from onnxcomp.errors import OnnxcompError
 
 MAGIC = b"ONNXC\x00"

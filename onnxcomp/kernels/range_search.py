@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxcomp.kernels.quantize import grouped_view
+
 INVERSE_PHI = (np.sqrt(5.0) - 1.0) / 2.0  # 0.618…
 COARSE_POINTS = 16
 
@@ -78,8 +80,6 @@ class GroupedRounding:
     """
 
     def __init__(self, source: np.ndarray, target: np.ndarray, grid, axis, block_size, decode=None):
-        from onnxcomp.kernels.quantize import grouped_view
-
         self.grid, self.dtype, self.decode = grid, source.dtype, decode
         self.source, self.reduce = grouped_view(source.astype(np.float64), axis, block_size)
         self.target = grouped_view(target.astype(np.float64), axis, block_size)[0]

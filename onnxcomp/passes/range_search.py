@@ -78,6 +78,7 @@ def _search(w, grid, axis, block_size, errors: LayerErrors, config: QuantConfig,
     layout_size = int(np.prod(rounding.stat_shape))
     per_layer = config.range_scope == "layer"
     groups = 1 if per_layer else layout_size
+    layout = quantize(source, grid, axis=axis, block_size=block_size).scale.shape  # DequantizeLinear's scale shape
 
     def spread(ratios: np.ndarray) -> np.ndarray:
         """Ratios searched (one per group, or one for the layer) → one per scale group, flat."""
@@ -85,7 +86,6 @@ def _search(w, grid, axis, block_size, errors: LayerErrors, config: QuantConfig,
 
     def error(high: np.ndarray, low: np.ndarray | None) -> np.ndarray:
         if errors.uses_output:
-            layout = quantize(source, grid, axis=axis, block_size=block_size).scale.shape
             shaped_low = None if low is None else spread(low).reshape(layout)
             values = errors(_decode(source, grid, axis, block_size, spread(high).reshape(layout), shaped_low, sqrt, w.dtype)[1])
         else:
@@ -99,7 +99,6 @@ def _search(w, grid, axis, block_size, errors: LayerErrors, config: QuantConfig,
     if grid.asymmetric:  # then the lower end, the upper one fixed
         lower = golden_section_search(lambda r: error(ratio, r), groups, config.range_min)
         low, evaluations = lower.ratio, evaluations + lower.evaluations
-    layout = quantize(source, grid, axis=axis, block_size=block_size).scale.shape
     qt, w_hat = _decode(source, grid, axis, block_size, spread(ratio).reshape(layout),
                         None if low is None else spread(low).reshape(layout), sqrt, w.dtype)
     return RangeChoice(qt, w_hat, sqrt, float(np.mean(ratio)), evaluations)

@@ -122,6 +122,12 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @click.option("--magr-alpha", type=float, default=None,
               help="MagR's ℓ∞ penalty. Default: 1e-3 per channel, 1e-4 with --granularity block.")
 @click.option("--magr-iters", type=int, default=200, help="MagR's proximal gradient iterations (it stops early when converged).")
+@click.option("--rounding", type=click.Choice(["nearest", "optq"]), default="nearest",
+              help="Round to nearest, or OPTQ (GPTQ): round the reduction axis in order and spread each rounding "
+                   "error over the inputs not yet rounded, through the calibration Gram matrix.")
+@click.option("--optq-damp", type=float, default=0.01, help="OPTQ's dampening of H, as a fraction of its mean diagonal.")
+@click.option("--optq-act-order", is_flag=True, default=False,
+              help="OPTQ rounds the most used inputs (largest H diagonal) first; blocks then keep scales from the original weights.")
 @click.option("--act-bits", type=int, default=None,
               help="Quantize the inputs of quantized layers to this many bits (8: uint8 QDQ that onnxruntime fuses "
                    "into integer kernels). Default: activations stay float.")
@@ -136,14 +142,14 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
               help="Smoothing strength in [0, 1]. Default: chosen per layer input by predicted output noise.")
 @_calibration_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
-              help="Where calibration (onnxruntime's CUDA provider) and the MagR solver (torch) run.")
+              help="Where calibration (onnxruntime's CUDA provider) and the MagR and OPTQ solvers (torch) run.")
 @click.option("--entropy-code", is_flag=True, default=False,
               help="Write an .onnxc container (integer weights ANS-coded; `onnxcomp unpack` gives the QDQ model back).")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
 @_one_line_errors
 def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits,
-             range_search, range_scope, range_objective, range_min, sqrt, bias_correction, magr, magr_alpha, magr_iters, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
+             range_search, range_scope, range_objective, range_min, sqrt, bias_correction, magr, magr_alpha, magr_iters, rounding, optq_damp, optq_act_order, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
              calib, calib_samples, calib_batch, image_size, mean, std, layout, device, entropy_code, report_json, quiet):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
@@ -155,6 +161,7 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
         exclude=exclude, min_elements=min_elements, keep_first_last_bits=keep_first_last_bits,
         range_search=range_search, range_scope=range_scope, range_objective=range_objective, range_min=range_min,
         sqrt=sqrt, bias_correction=bias_correction, magr=magr, magr_alpha=magr_alpha, magr_iters=magr_iters,
+        rounding=rounding, optq_damp=optq_damp, optq_act_order=optq_act_order,
         act_bits=act_bits, act_calib=act_calib, percentile=percentile, act_min_depth=act_min_depth,
         smooth=not no_smooth, smooth_alpha=smooth_alpha,
     )

@@ -45,6 +45,9 @@ class QuantConfig:
     magr: bool = False
     magr_alpha: float | None = None  # None: 1e-3 per channel, 1e-4 per block (the paper's)
     magr_iters: int = 200
+    rounding: str = "nearest"  # "nearest" or "optq" (error-compensating, needs layer statistics)
+    optq_damp: float = 0.01  # added to H's diagonal, as a fraction of its mean
+    optq_act_order: bool = False  # round the most used inputs first
     smooth: bool = True  # with act_bits: migrate activation outliers into the weights
     smooth_alpha: float | None = None  # None: chosen per input from a grid
 
@@ -89,6 +92,15 @@ class QuantConfig:
             raise ConfigError(f"--magr-alpha {self.magr_alpha} must be positive, for example 1e-3")
         if self.magr_iters < 1:
             raise ConfigError(f"--magr-iters {self.magr_iters} must be at least 1")
+        if self.rounding not in ("nearest", "optq"):
+            raise ConfigError(f"--rounding {self.rounding} is not supported; choose nearest or optq")
+        if not 0.0 < self.optq_damp < 1.0:
+            raise ConfigError(f"--optq-damp {self.optq_damp} must be in (0, 1), for example 0.01")
+        if self.rounding == "optq" and self.sqrt:
+            raise ConfigError(
+                "--rounding optq does not combine with --sqrt: OPTQ's error compensation assumes a linear decode; "
+                "drop one of them"
+            )
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"--smooth-alpha {self.smooth_alpha} must be in [0, 1]")
         if self.min_elements < 0:

@@ -96,6 +96,13 @@ def expand(param: np.ndarray, w_shape: tuple[int, ...], axis: int | None, block_
     return np.repeat(param, block_size, axis=axis)
 
 
+def collapse(full: np.ndarray, axis: int | None, block_size: int | None) -> np.ndarray:
+    """Inverse of `expand`: a parameter given for every weight element (constant within each
+    scale group) back in DequantizeLinear's layout."""
+    groups, reduce = grouped_view(full, axis, block_size)
+    return _to_layout(np.take(groups, 0, axis=reduce), full.shape, axis, block_size)
+
+
 def quantize(
     w: np.ndarray,
     grid: Grid,

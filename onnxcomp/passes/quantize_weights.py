@@ -19,6 +19,7 @@ from onnxcomp.layer_matrix import relative_output_error
 from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth
 from onnxcomp.passes.bias_correction import correct_bias
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
+from onnxcomp.passes.optq import optq_quantize
 from onnxcomp.passes.range_search import choose_range
 from onnxcomp.report import LayerRecord, Report
 
@@ -151,8 +152,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             raise ConfigError("--range-objective output needs calibration data: pass --calib with real inputs (or use mse)")
         if self.config.bias_correction and not real_data:
             raise ConfigError("--bias-correction needs calibration data: pass --calib with real inputs")
-        if self.calibration is not None and self.calibration.user_data:
-            stats = self.calibration.statistics(model, "the output error of each layer", layers=layers)
+        optq = self.config.rounding == "optq"
+        if self.calibration is not None and (real_data or optq):
+            purpose = "--rounding optq" if optq else "the output error of each layer"
+            stats = self.calibration.statistics(model, purpose, layers=[l for l in layers if l.data is not None])
             grams = {node: record.gram for node, record in stats.layers.items()}
         names = NameAllocator(graph)
         modified = False
@@ -185,14 +188,23 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             return record
         axis, block_size, granularity, note = layout(layer, self.config)
         grid = grid_for(bits, self.config.asymmetric)
-        sqrt = False
+        sqrt, ratios = False, {}
         if self.config.range_search or self.config.sqrt:
             choice = choose_range(layer, w, grid, axis, block_size, self.config, None if gram is None else gram.matrix)
             qt, w_hat, sqrt = choice.qt, choice.w_hat, choice.sqrt
+            ratios = {"ratio_high": choice.ratio_high, "ratio_low": choice.ratio_low}
             record.range_search = choice.summary
         else:
             qt = quantize(w, grid, axis=axis, block_size=block_size)
             w_hat = dequantize(qt)
+        if self.config.rounding == "optq":
+            if gram is None:
+                note = "; ".join(filter(None, [note, "optq: no input statistics, rounded to nearest"]))
+            else:
+                device = self.calibration.device if self.calibration is not None else "cpu"
+                qt, optq_note = optq_quantize(layer, w, qt, grid, gram.matrix, self.config, device=device, **ratios)
+                w_hat = dequantize(qt)
+                note = "; ".join(filter(None, [note, optq_note]))
         dq_out = emit_dequantize(graph, names, layer, qt, bits)
         if sqrt:
             dq_out = emit_sqrt_decode(graph, names, layer, dq_out)

@@ -34,6 +34,8 @@ class RangeChoice:
     sqrt: bool
     alpha: float  # mean chosen ratio (upper end for asymmetric grids)
     evaluations: int
+    ratio_high: np.ndarray | float = 1.0  # the chosen ratios, in DequantizeLinear's scale layout
+    ratio_low: np.ndarray | float = 1.0  # (lower end; the upper one on symmetric grids)
     summary: dict[str, float] = field(default_factory=dict)
 
 
@@ -99,9 +101,10 @@ def _search(w, grid, axis, block_size, errors: LayerErrors, config: QuantConfig,
     if grid.asymmetric:  # then the lower end, the upper one fixed
         lower = golden_section_search(lambda r: error(ratio, r), groups, config.range_min)
         low, evaluations = lower.ratio, evaluations + lower.evaluations
-    qt, w_hat = _decode(source, grid, axis, block_size, spread(ratio).reshape(layout),
-                        None if low is None else spread(low).reshape(layout), sqrt, w.dtype)
-    return RangeChoice(qt, w_hat, sqrt, float(np.mean(ratio)), evaluations)
+    high_layout = spread(ratio).reshape(layout)
+    low_layout = high_layout if low is None else spread(low).reshape(layout)
+    qt, w_hat = _decode(source, grid, axis, block_size, high_layout, None if low is None else low_layout, sqrt, w.dtype)
+    return RangeChoice(qt, w_hat, sqrt, float(np.mean(ratio)), evaluations, high_layout, low_layout)
 
 
 def choose_range(layer: WeightLayer, w: np.ndarray, grid: Grid, axis, block_size, config: QuantConfig, gram: np.ndarray | None) -> RangeChoice:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from onnxcomp import QuantConfig, compress
 from onnxcomp.container.format import ContainerError, describe, from_symbols, pack, to_symbols, unpack
@@ -115,3 +117,37 @@ def test_compress_entropy_code_writes_a_container_that_unpacks_to_the_qdq_model(
     assert invoke("compress", MODELS / "digits_cnn.onnx", "--bits", 4, "-o", qdq, "-q").exit_code == 0
     assert (tmp_path / "d.onnx").read_bytes() == qdq.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "d.onnxc", "direct.onnx", "r.json"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzzed_containers_are_refused(small_container, data):
+    """Truncation at any length, and any one or more byte changes anywhere."""
+    _, blob = small_container
+    damaged = bytearray(blob[: data.draw(st.integers(0, len(blob)), label="length")])
+    for _ in range(data.draw(st.integers(0 if len(damaged) < len(blob) else 1, 4), label="flips")):
+        if damaged:
+            position = data.draw(st.integers(0, len(damaged) - 1), label="position")
+            damaged[position] ^= data.draw(st.integers(1, 255), label="xor")
+    with pytest.raises(ContainerError):
+        unpack(bytes(damaged))
+
+
+def test_inference_session_decodes_in_memory(tmp_path, small_container):
+    import onnxcomp
+    from onnxcomp.runtime import make_session, run
+
+    data, blob = small_container
+    (tmp_path / "m.onnx").write_bytes(data)
+    (tmp_path / "m.onnxc").write_bytes(blob)
+    feeds = {"image": np.load(MODELS / "digits_eval.npz")["image"][:32]}
+    expected = run(make_session(tmp_path / "m.onnx"), feeds)["logits"]
+    for name in ("m.onnxc", "m.onnx"):
+        session = onnxcomp.InferenceSession(tmp_path / name)
+        np.testing.assert_array_equal(session.run(["logits"], feeds)[0], expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnxc"]  # nothing written
+    damaged = bytearray(blob)
+    damaged[len(blob) // 2] ^= 0x40
+    (tmp_path / "bad.onnxc").write_bytes(bytes(damaged))
+    with pytest.raises(ContainerError, match="corrupted"):
+        onnxcomp.InferenceSession(tmp_path / "bad.onnxc")

@@ -106,6 +106,9 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @click.option("--min-elements", type=int, default=0, help="Weights with fewer elements stay in float.")
 @click.option("--keep-first-last-bits", type=int, default=None,
               help="Bit width for the first and last quantizable layers (REQuant keeps them at 8). Default: same as --bits.")
+@click.option("--gather-bits", type=int, default=None,
+              help="Bit width for embedding tables (Gather over a constant table), which often tolerate fewer bits "
+                   "than the layers. Default: same as --bits.")
 @click.option("--range-search", is_flag=True, default=False,
               help="Search each scale's clipping ratio α in [--range-min, 1] by golden section (REQuant) instead of using the full range.")
 @click.option("--range-scope", type=click.Choice(["channel", "layer"]), default="channel",
@@ -148,7 +151,7 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
 @_one_line_errors
-def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits,
+def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits, gather_bits,
              range_search, range_scope, range_objective, range_min, sqrt, bias_correction, magr, magr_alpha, magr_iters, rounding, optq_damp, optq_act_order, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
              calib, calib_samples, calib_batch, image_size, mean, std, layout, device, entropy_code, report_json, quiet):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
@@ -158,7 +161,7 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
 
     config = QuantConfig(
         bits=bits, granularity=Granularity(granularity), block_size=block_size, asymmetric=asymmetric,
-        exclude=exclude, min_elements=min_elements, keep_first_last_bits=keep_first_last_bits,
+        exclude=exclude, min_elements=min_elements, keep_first_last_bits=keep_first_last_bits, gather_bits=gather_bits,
         range_search=range_search, range_scope=range_scope, range_objective=range_objective, range_min=range_min,
         sqrt=sqrt, bias_correction=bias_correction, magr=magr, magr_alpha=magr_alpha, magr_iters=magr_iters,
         rounding=rounding, optq_damp=optq_damp, optq_act_order=optq_act_order,

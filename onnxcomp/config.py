@@ -32,6 +32,7 @@ class QuantConfig:
     exclude: str | None = None
     min_elements: int = 0
     keep_first_last_bits: int | None = None
+    gather_bits: int | None = None  # embedding tables (Gather); None: the same as bits
     act_bits: int | None = None  # None: activations stay float
     act_calib: str = "minmax"
     percentile: float = 99.99
@@ -62,11 +63,9 @@ class QuantConfig:
                 f"--bits {self.bits} is not supported; choose one of "
                 f"{', '.join(map(str, SUPPORTED_BITS))}"
             )
-        if self.keep_first_last_bits is not None and self.keep_first_last_bits not in SUPPORTED_BITS:
-            raise ConfigError(
-                f"--keep-first-last-bits {self.keep_first_last_bits} is not supported; choose one of "
-                f"{', '.join(map(str, SUPPORTED_BITS))}"
-            )
+        for option, value in (("--keep-first-last-bits", self.keep_first_last_bits), ("--gather-bits", self.gather_bits)):
+            if value is not None and value not in SUPPORTED_BITS:
+                raise ConfigError(f"{option} {value} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
         if self.granularity is Granularity.BLOCK:
             size = self.block_size
             if size < 2 or size & (size - 1):
@@ -114,7 +113,7 @@ class QuantConfig:
     @property
     def all_bits(self) -> tuple[int, ...]:
         """Every bit width the output model will hold."""
-        extra = () if self.keep_first_last_bits is None else (self.keep_first_last_bits,)
+        extra = tuple(b for b in (self.keep_first_last_bits, self.gather_bits) if b is not None)
         return (self.bits, *extra)
 
     @property

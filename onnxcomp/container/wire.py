@@ -1,6 +1,7 @@
 """Where the integer weights lie inside a serialized ONNX file, found by walking the
-protobuf wire format (ModelProto.graph → GraphProto.initializer → TensorProto.raw_data)
-without re-serializing anything, so the file can be rebuilt byte for byte."""
+protobuf wire format (ModelProto.graph → GraphProto.initializer → TensorProto.raw_data, or
+an external data file's span) without re-serializing anything, so the files can be rebuilt
+byte for byte."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class RawTensor:
     elements: int
     start: int
     end: int
+    location: str | None = None  # the external data file holding the payload; None: raw_data in the model
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -70,8 +72,14 @@ def _fields(data: bytes, start: int, end: int):
         raise WireError("message ends inside a field")
 
 
+def _entry(data: bytes, start: int, end: int) -> tuple[str, str]:
+    """A StringStringEntryProto: (key, value)."""
+    text = {number: data[v[0] : v[1]].decode("utf-8", "replace") for number, kind, v in _fields(data, start, end) if kind == _LEN}
+    return text.get(1, ""), text.get(2, "")
+
+
 def _tensor(data: bytes, start: int, end: int) -> RawTensor | None:
-    dims, data_type, name, raw = [], 0, "", None
+    dims, data_type, name, raw, external = [], 0, "", None, {}
     for number, kind, value in _fields(data, start, end):
         if number == 1 and kind == _VARINT:
             dims.append(value)
@@ -86,16 +94,26 @@ def _tensor(data: bytes, start: int, end: int) -> RawTensor | None:
             name = data[value[0] : value[1]].decode("utf-8", "replace")
         elif number == 9 and kind == _LEN:
             raw = value
-    if raw is None or data_type not in INTEGER_BITS:
+        elif number == 13 and kind == _LEN:  # external_data
+            key, text = _entry(data, *value)
+            external[key] = text
+    if data_type not in INTEGER_BITS:
         return None
     elements = 1
     for dim in dims:
         elements *= dim
-    return RawTensor(name, data_type, elements, raw[0], raw[1])
+    if raw is not None:
+        return RawTensor(name, data_type, elements, raw[0], raw[1])
+    if "location" not in external:
+        return None
+    offset = int(external.get("offset", 0))
+    length = int(external.get("length", -(-elements * INTEGER_BITS[data_type] // 8)))
+    return RawTensor(name, data_type, elements, offset, offset + length, external["location"])
 
 
 def integer_initializers(data: bytes) -> list[RawTensor]:
-    """Every main-graph initializer with integer raw_data, in file order."""
+    """Every main-graph initializer with an integer payload (raw_data, or a span of an
+    external data file), in the order the model lists them."""
     found = []
     for number, kind, value in _fields(data, 0, len(data)):
         if number == 7 and kind == _LEN:  # ModelProto.graph

@@ -162,6 +162,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         edge = {id(layers[0]), id(layers[-1])} if layers and self.config.keep_first_last_bits else set()
         for layer in tqdm(layers, desc="quantize", unit="layer", disable=not self.progress or len(layers) < 8, leave=False):
             bits = self.config.keep_first_last_bits if id(layer) in edge else self.config.bits
+            if layer.node.op_type == "Gather" and self.config.gather_bits:
+                bits = self.config.gather_bits
             record = self._quantize_layer(graph, names, layer, bits, grams.get(layer.node))
             self.report.layers.append(record)
             modified |= record.bits is not None

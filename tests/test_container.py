@@ -101,6 +101,7 @@ def test_cli_pack_unpack_inspect(tmp_path, small_container):
     damaged[-5] ^= 0xFF
     (tmp_path / "bad.onnxc").write_bytes(bytes(damaged))
     _one_line_error(invoke("unpack", tmp_path / "bad.onnxc", "-o", tmp_path / "x.onnx"), "checksum", "corrupted")
+    assert not (tmp_path / "x.onnx").exists() and not list(tmp_path.glob(".onnxcomp-*"))  # nothing half-written
     _one_line_error(invoke("unpack", source, "-o", tmp_path / "y.onnx"), "not an onnxcomp container")
 
 

@@ -2,33 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import tempfile
 from pathlib import Path
 
-from onnxcomp.container.format import ContainerError, describe, pack, unpack_files
+from onnxcomp.container.format import ContainerError, describe, pack_to, unpack_to
 from onnxcomp.modelio import check_output_path, load_model
 from onnxcomp.report import format_table
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write beside `path`, then rename: a reader never sees a half-written file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".onnxcomp-", delete=False) as tmp:
-        try:
-            tmp.write(data)
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
+class _AtomicFiles:
+    """Temporary files beside their targets, renamed into place together by `commit()` and
+    removed otherwise: a reader never sees a half-written or wrongly decoded file."""
+
+    def __init__(self):
+        self.pending: list[tuple[object, Path]] = []
+
+    def open(self, path: Path):
+        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=".onnxcomp-", delete=False)
+        self.pending.append((handle, path))
+        return handle
+
+    def commit(self) -> None:
+        for handle, path in self.pending:
+            handle.close()
+            os.replace(handle.name, path)
+        self.pending = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle, _ in self.pending:
+            handle.close()
+            os.unlink(handle.name)
 
 
-def _read(path: str | os.PathLike, what: str) -> bytes:
+@contextlib.contextmanager
+def _mapped(path: str | os.PathLike, what: str):
+    """The file's bytes as a read-only memory map (empty files as b""): read as needed,
+    never loaded whole."""
     path = Path(path)
     if not path.is_file():
         raise ContainerError(f"{path}: no such file; pass the path of {what}")
-    return path.read_bytes()
+    with path.open("rb") as handle:
+        if path.stat().st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped
 
 
 def _safe_location(location: str, source: str | os.PathLike) -> str:
@@ -54,31 +79,41 @@ def external_locations(model_path: str | os.PathLike) -> list[str]:
 
 
 def pack_file(source: str | os.PathLike, target: str | os.PathLike) -> tuple[int, int]:
-    """Check the model, pack it with its external data files, write atomically;
-    (bytes before, bytes after)."""
+    """Check the model, pack it with its external data files (read through memory maps, one
+    tensor at a time), write atomically; (bytes before, bytes after)."""
     target = check_output_path(target, source)
     folder = Path(source).parent
-    external = {location: _read(folder / location, "an external data file") for location in external_locations(source)}
-    data = _read(source, "an .onnx model")
-    blob = pack(data, external)
-    _write_atomically(target, blob)
-    return len(data) + sum(map(len, external.values())), len(blob)
+    with contextlib.ExitStack() as stack, _AtomicFiles() as files:
+        external = {location: stack.enter_context(_mapped(folder / location, "an external data file"))
+                    for location in external_locations(source)}
+        data = stack.enter_context(_mapped(source, "an .onnx model"))
+        out = files.open(target)
+        pack_to(out, data, external)
+        sizes = len(data) + sum(len(content) for content in external.values()), out.tell()
+        files.commit()
+    return sizes
 
 
 def unpack_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Write the model to `target`, and its external data files beside it under the names
-    the model gives them."""
+    the model gives them; tensor by tensor, all renamed into place only once all decoded."""
     target = check_output_path(target, source)
-    data, external = unpack_files(_read(source, "an .onnxc container"), str(source))
-    for location, content in external.items():
-        path = target.parent / _safe_location(location, source)
+
+    def open_output(name):
+        path = target if name is None else target.parent / _safe_location(name, source)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(check_output_path(path, source), content)
-    _write_atomically(target, data)
+        return files.open(check_output_path(path, source))
+
+    with _mapped(source, "an .onnxc container") as blob, _AtomicFiles() as files:
+        unpack_to(blob, open_output, str(source))
+        files.commit()
 
 
 def container_table(path: str | os.PathLike, as_json: bool = False) -> str:
-    blob = _read(path, "an .onnxc container")
+    path = Path(path)
+    if not path.is_file():
+        raise ContainerError(f"{path}: no such file; pass the path of an .onnxc container")
+    blob = path.read_bytes()
     infos, toc = describe(blob)
     if as_json:
         return json.dumps({"size": toc["size"], "external_files": toc["files"], "container": len(blob),

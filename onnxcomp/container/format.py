@@ -7,9 +7,9 @@ Layout (docs/format.md has the details):
     u64    length of the table of contents (little endian)
     bytes  table of contents: zstd-compressed JSON
     u32    CRC-32 of those table-of-contents bytes
-    bytes  sections, in table order: for the model and then each external data file, its
-           skeleton (the file with every coded payload cut out), then one section per
-           integer tensor it holds (chunks of 2^20 symbols, each decodable on its own)
+    bytes  sections, in table order: for the model and then each external data file, one
+           section per integer tensor it holds (chunks of 2^20 symbols, each decodable on
+           its own), then its skeleton (the file with every coded payload cut out)
 
 Every section carries a CRC-32 of its stored bytes, and the table the SHA-256 of every
 decoded file: a corrupted, truncated or foreign file is refused, never decoded.
@@ -18,10 +18,14 @@ decoded file: a corrupted, truncated or foreign file is refused, never decoded.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import shutil
+import tempfile
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -151,13 +155,56 @@ def _decode_tensor(stored: bytes, section: dict) -> bytes:
     return from_symbols(np.concatenate(symbols) if symbols else np.zeros(0, np.int32), section["bits"])
 
 
-def _digest(data: bytes) -> dict:
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+PIECE = 1 << 26  # bytes read, hashed or compressed at a time: memory stays bounded
 
 
-def pack(data: bytes, external: dict[str, bytes] | None = None) -> bytes:
-    """The container for the serialized ONNX model `data` and its external data files
-    (`external`: location as the model names it → the file's bytes)."""
+def _pieces(buffer, start: int, end: int):
+    for pos in range(start, end, PIECE):
+        yield buffer[pos : min(pos + PIECE, end)]
+
+
+def _encode_file(index: int, content, tensors, spool) -> list[dict]:
+    """Code `content`'s integer tensors one at a time, then zstd its remaining bytes (the
+    skeleton), appending all to `spool`; the sections' table entries, in that order."""
+    sections, gaps, cursor = [], [], 0
+    for tensor in sorted(tensors, key=lambda t: t.start):
+        if tensor.start < cursor or tensor.end > len(content):
+            continue  # overlapping or out-of-file spans stay in the skeleton as bytes
+        payload = bytes(content[tensor.start : tensor.end])
+        bits = INTEGER_BITS[tensor.data_type]
+        symbols = to_symbols(payload, bits, tensor.elements)
+        if from_symbols(symbols, bits) != payload:  # unusual padding bits: keep the bytes as they are
+            continue
+        stored, meta = _encode_tensor(symbols, bits)
+        spool.write(stored)
+        sections.append({"kind": "ans", "file": index, "name": tensor.name, "bits": bits, "elements": tensor.elements,
+                         "offset": tensor.start, **meta, "length": len(stored), "crc32": zlib.crc32(stored)})
+        gaps.append((cursor, tensor.start))
+        cursor = tensor.end
+    gaps.append((cursor, len(content)))
+    start, crc = spool.tell(), 0
+    with _zstd().ZstdCompressor(level=ZSTD_LEVEL).stream_writer(spool, closefd=False) as writer:
+        for begin, end in gaps:
+            for piece in _pieces(content, begin, end):
+                writer.write(piece)
+    spool.seek(start)
+    for piece in iter(lambda: spool.read(PIECE), b""):
+        crc = zlib.crc32(piece, crc)
+    sections.append({"kind": "skeleton", "file": index, "length": spool.tell() - start, "crc32": crc})
+    return sections
+
+
+def _stream_digest(buffer) -> dict:
+    sha = hashlib.sha256()
+    for piece in _pieces(buffer, 0, len(buffer)):
+        sha.update(piece)
+    return {"size": len(buffer), "sha256": sha.hexdigest()}
+
+
+def pack_to(out: BinaryIO, data, external: dict | None = None) -> None:
+    """Write the container for the serialized ONNX model `data` and its external data files
+    (`external`: location as the model names it → the file's bytes) to `out`. Inputs may be
+    bytes or memory maps: one tensor at a time is held in memory."""
     external = dict(sorted((external or {}).items()))
     try:
         tensors = integer_initializers(data)
@@ -168,34 +215,23 @@ def pack(data: bytes, external: dict[str, bytes] | None = None) -> bytes:
     missing = sorted({t.location for t in tensors if t.location is not None and t.location not in external})
     if missing:
         raise ContainerError(f"external data file {missing[0]!r} is missing; keep it next to the model")
-    sections, blobs = [], []
-    for index, (name, content) in enumerate(zip(names, files)):
-        pieces, cursor, coded = [], 0, []
-        for tensor in sorted((t for t in tensors if t.location == name), key=lambda t: t.start):
-            if tensor.start < cursor or tensor.end > len(content):
-                continue  # overlapping or out-of-file spans stay in the skeleton as bytes
-            payload = content[tensor.start : tensor.end]
-            bits = INTEGER_BITS[tensor.data_type]
-            symbols = to_symbols(payload, bits, tensor.elements)
-            if from_symbols(symbols, bits) != payload:  # unusual padding bits: keep the bytes as they are
-                continue
-            stored, meta = _encode_tensor(symbols, bits)
-            pieces.append(content[cursor : tensor.start])
-            cursor = tensor.end
-            coded.append(({"kind": "ans", "file": index, "name": tensor.name, "bits": bits, "elements": tensor.elements,
-                           "offset": tensor.start, **meta, "length": len(stored), "crc32": zlib.crc32(stored)}, stored))
-        pieces.append(content[cursor:])
-        skeleton = _zstd().ZstdCompressor(level=ZSTD_LEVEL).compress(b"".join(pieces))
-        sections.append({"kind": "skeleton", "file": index, "length": len(skeleton), "crc32": zlib.crc32(skeleton)})
-        blobs.append(skeleton)
-        for section, stored in coded:
-            sections.append(section)
-            blobs.append(stored)
-    toc = {"version": VERSION, **_digest(data), "files": [{"name": n, **_digest(c)} for n, c in zip(names[1:], files[1:])],
-           "sections": sections}
-    toc_bytes = _zstd().ZstdCompressor(level=ZSTD_LEVEL).compress(json.dumps(toc, sort_keys=True, separators=(",", ":")).encode())
-    header = MAGIC + bytes([VERSION]) + struct.pack("<Q", len(toc_bytes)) + toc_bytes + struct.pack("<I", zlib.crc32(toc_bytes))
-    return header + b"".join(blobs)
+    sections = []
+    with tempfile.TemporaryFile() as spool:
+        for index, (name, content) in enumerate(zip(names, files)):
+            sections += _encode_file(index, content, [t for t in tensors if t.location == name], spool)
+        toc = {"version": VERSION, **_stream_digest(data),
+               "files": [{"name": n, **_stream_digest(c)} for n, c in zip(names[1:], files[1:])], "sections": sections}
+        toc_bytes = _zstd().ZstdCompressor(level=ZSTD_LEVEL).compress(json.dumps(toc, sort_keys=True, separators=(",", ":")).encode())
+        out.write(MAGIC + bytes([VERSION]) + struct.pack("<Q", len(toc_bytes)) + toc_bytes + struct.pack("<I", zlib.crc32(toc_bytes)))
+        spool.seek(0)
+        shutil.copyfileobj(spool, out, PIECE)
+
+
+def pack(data: bytes, external: dict[str, bytes] | None = None) -> bytes:
+    """The container for `data` (and its external data files), in memory."""
+    out = io.BytesIO()
+    pack_to(out, data, external)
+    return out.getvalue()
 
 
 def read_toc(blob: bytes, source: str = "container") -> tuple[dict, int]:
@@ -223,54 +259,100 @@ def read_toc(blob: bytes, source: str = "container") -> tuple[dict, int]:
     return toc, pos + length + 4
 
 
-def _checked_sections(blob: bytes, toc: dict, pos: int, source: str) -> list[tuple[dict, bytes]]:
-    parts = []
+def _checked_sections(blob, toc: dict, pos: int, source: str) -> list[tuple[dict, int]]:
+    """Each section with where its bytes start, after checking lengths and CRC-32s."""
+    total = pos + sum(section["length"] for section in toc["sections"])
+    if len(blob) > total:
+        raise ContainerError(f"{source}: {len(blob) - total} unexpected bytes after the last section; the file is corrupted")
+    located = []
     for index, section in enumerate(toc["sections"]):
-        stored = blob[pos : pos + section["length"]]
-        pos += section["length"]
         what = f"skeleton of file {section['file']}" if section["kind"] == "skeleton" else f"tensor {section.get('name')!r}"
-        if len(stored) != section["length"]:
+        end = pos + section["length"]
+        if end > len(blob):
             raise ContainerError(f"{source}: truncated in section {index} ({what}); the file is incomplete")
-        if zlib.crc32(stored) != section["crc32"]:
+        crc = 0
+        for piece in _pieces(blob, pos, end):
+            crc = zlib.crc32(piece, crc)
+        if crc != section["crc32"]:
             raise ContainerError(f"{source}: section {index} ({what}) fails its checksum; the file is corrupted")
-        parts.append((section, stored))
-    if pos != len(blob):
-        raise ContainerError(f"{source}: {len(blob) - pos} unexpected bytes after the last section; the file is corrupted")
-    return parts
+        located.append((section, pos))
+        pos = end
+    return located
 
 
-def _rebuild(skeleton: bytes, tensors: list[tuple[dict, bytes]]) -> bytes:
-    out, cursor, written = bytearray(), 0, 0
-    for section, stored in tensors:
-        gap = section["offset"] - written
-        out += skeleton[cursor : cursor + gap]
-        cursor += gap
-        payload = _decode_tensor(stored, section)
-        out += payload
-        written = section["offset"] + len(payload)
-    out += skeleton[cursor:]
-    return bytes(out)
+class _Window(io.RawIOBase):
+    """A read-only stream over blob[start:end] (bytes or a memory map), copying nothing else."""
+
+    def __init__(self, blob, start: int, end: int):
+        self.blob, self.pos, self.end = blob, start, end
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.end - self.pos)
+        buffer[:count] = self.blob[self.pos : self.pos + count]
+        self.pos += count
+        return count
 
 
-def unpack_files(blob: bytes, source: str = "container") -> tuple[bytes, dict[str, bytes]]:
-    """The exact bytes of the ONNX file the container was packed from, and of each of its
-    external data files (by the location the model names it with)."""
+def _decode_file(blob, located: list[tuple[dict, int]], out: BinaryIO) -> dict:
+    """Rebuild one file into `out`, tensor by tensor; its size and SHA-256."""
+    tensors = sorted(((s, p) for s, p in located if s["kind"] == "ans"), key=lambda item: item[0]["offset"])
+    skeleton_section, skeleton_pos = next((s, p) for s, p in located if s["kind"] == "skeleton")
+    sha, written = hashlib.sha256(), 0
+
+    def emit(data: bytes) -> None:
+        nonlocal written
+        sha.update(data)
+        out.write(data)
+        written += len(data)
+
+    window = _Window(blob, skeleton_pos, skeleton_pos + skeleton_section["length"])
+    with _zstd().ZstdDecompressor().stream_reader(window) as skeleton:
+        for section, pos in tensors:
+            while written < section["offset"]:
+                gap = skeleton.read(min(PIECE, section["offset"] - written))
+                if not gap:
+                    break
+                emit(gap)
+            emit(_decode_tensor(bytes(blob[pos : pos + section["length"]]), section))
+        for piece in iter(lambda: skeleton.read(PIECE), b""):
+            emit(piece)
+    return {"size": written, "sha256": sha.hexdigest()}
+
+
+def unpack_to(blob, open_output, source: str = "container") -> None:
+    """Decode every file of the container `blob` (bytes or a memory map) into
+    `open_output(name)` (name None for the model, else the external file's location),
+    refusing a damaged container before writing and a wrong decode after."""
     toc, pos = read_toc(blob, source)
-    parts = _checked_sections(blob, toc, pos, source)
+    located = _checked_sections(blob, toc, pos, source)
     expected = [{"name": None, "size": toc["size"], "sha256": toc["sha256"]}, *toc["files"]]
-    decoded = []
     for index, digest in enumerate(expected):
-        mine = [(section, stored) for section, stored in parts if section["file"] == index]
-        skeleton = _zstd().ZstdDecompressor().decompress(mine[0][1])
-        data = _rebuild(skeleton, mine[1:])
-        if _digest(data) != {"size": digest["size"], "sha256": digest["sha256"]}:
+        mine = [(s, p) for s, p in located if s["file"] == index]
+        if not any(s["kind"] == "skeleton" for s, _ in mine):
+            raise ContainerError(f"{source}: file {index} has no skeleton section; the file is corrupted")
+        if _decode_file(blob, mine, open_output(digest["name"])) != {"size": digest["size"], "sha256": digest["sha256"]}:
             what = "model" if digest["name"] is None else f"external data file {digest['name']!r}"
             raise ContainerError(f"{source}: decoded {what} fails its SHA-256; the file is corrupted")
-        decoded.append(data)
-    return decoded[0], {digest["name"]: data for digest, data in zip(expected[1:], decoded[1:])}
 
 
-def unpack(blob: bytes, source: str = "container") -> bytes:
+def unpack_files(blob, source: str = "container") -> tuple[bytes, dict[str, bytes]]:
+    """The exact bytes of the ONNX file the container was packed from, and of each of its
+    external data files (by the location the model names it with), in memory."""
+    outputs: dict = {}
+
+    def open_output(name):
+        outputs[name] = io.BytesIO()
+        return outputs[name]
+
+    unpack_to(blob, open_output, source)
+    model = outputs.pop(None).getvalue()
+    return model, {name: buffer.getvalue() for name, buffer in outputs.items()}
+
+
+def unpack(blob, source: str = "container") -> bytes:
     """The exact bytes of the ONNX file the container was packed from."""
     return unpack_files(blob, source)[0]
 

@@ -199,7 +199,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         else:
             qt = quantize(w, grid, axis=axis, block_size=block_size)
             w_hat = dequantize(qt)
-        if self.config.rounding == "optq":
+        if self.config.rounding == "optq" and layer.data is not None:  # an embedding table has no inputs to balance
             if gram is None:
                 note = "; ".join(filter(None, [note, "optq: no input statistics, rounded to nearest"]))
             else:

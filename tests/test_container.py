@@ -144,8 +144,9 @@ def test_inference_session_decodes_in_memory(tmp_path, small_container):
     feeds = {"image": np.load(MODELS / "digits_eval.npz")["image"][:32]}
     expected = run(make_session(tmp_path / "m.onnx"), feeds)["logits"]
     for name in ("m.onnxc", "m.onnx"):
-        session = onnxcomp.InferenceSession(tmp_path / name)
-        np.testing.assert_array_equal(session.run(["logits"], feeds)[0], expected)
+        for fold in (False, None):  # None: weight-only, so folded to float weights at load
+            session = onnxcomp.InferenceSession(tmp_path / name, fold_weights=fold)
+            np.testing.assert_allclose(session.run(["logits"], feeds)[0], expected, rtol=1e-5, atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnxc"]  # nothing written
     damaged = bytearray(blob)
     damaged[len(blob) // 2] ^= 0x40
@@ -179,7 +180,8 @@ def test_external_data_round_trip_and_session(tmp_path, small_container):
     assert (out / "weights" / "m.bin").read_bytes() == (source / "weights" / "m.bin").read_bytes()
     feeds = {"image": np.load(MODELS / "digits_eval.npz")["image"][:16]}
     expected = run(make_session(source / "m.onnx"), feeds)["logits"]
-    np.testing.assert_array_equal(onnxcomp.InferenceSession(tmp_path / "m.onnxc").run(["logits"], feeds)[0], expected)
+    got = onnxcomp.InferenceSession(tmp_path / "m.onnxc", fold_weights=False).run(["logits"], feeds)[0]
+    np.testing.assert_array_equal(got, expected)
     (source / "weights" / "m.bin").unlink()
     with pytest.raises(Exception, match="m.bin"):
         pack_file(source / "m.onnx", tmp_path / "n.onnxc")
@@ -201,3 +203,17 @@ def test_chunks_with_their_own_models_when_distributions_differ():
     (info,), _ = describe(blob)
     assert info.models == "chunk" and info.elements == 2 << 20
     assert 8 * info.stored_bytes / info.elements < 0.9 * info.entropy_bits  # below the per-tensor bound
+
+
+def test_only_weight_only_models_are_folded(tmp_path):
+    import onnx
+
+    from onnxcomp.calibration.analysis import Calibration
+    from onnxcomp.session import weight_only
+
+    for options, expected in (({"bits": 4}, True), ({"bits": 8, "act_bits": 8}, False)):
+        model, _ = compress(load_model(MODELS / "digits_cnn.onnx"), QuantConfig(**options),
+                            calibration=Calibration(MODELS / "digits_calib.npz"))
+        save_model(model, tmp_path / "q.onnx")
+        assert weight_only(onnx.load(tmp_path / "q.onnx")) is expected
+    assert not weight_only(onnx.load(MODELS / "digits_cnn.onnx"))

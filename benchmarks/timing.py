@@ -12,17 +12,20 @@ import onnxruntime as ort
 from onnxcomp.runtime import run, session_options
 
 
-def _quiet_session(path: Path) -> ort.InferenceSession:
+def _quiet_session(path: Path, entries: dict[str, str]) -> ort.InferenceSession:
     """A CPU session whose idle threads do not spin, so sessions timed in turn do not steal
-    cores from each other."""
+    cores from each other; `entries` are further session config entries."""
     options = session_options()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in entries.items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def interleaved_latency_ms(paths: list[Path], feeds: dict, repeats: int = 30) -> list[float]:
-    """Median wall time of one run per model, the models taking turns so drift hits all alike."""
-    sessions = [_quiet_session(path) for path in paths]
+def interleaved_latency_ms(paths: list, feeds: dict, repeats: int = 30) -> list[float]:
+    """Median wall time of one run per model (a path, or (path, session config entries)),
+    the models taking turns so drift hits all alike."""
+    sessions = [_quiet_session(*(p if isinstance(p, tuple) else (p, {}))) for p in paths]
     for session in sessions:
         run(session, feeds)
     times = [[] for _ in sessions]

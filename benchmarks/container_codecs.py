@@ -6,8 +6,9 @@ zstd -19 and brotli -q 11 on the same QDQ .onnx bytes.
 Models: all-MiniLM-L6-v2 quantized per channel at 8, 4 and 2 bits, and the digits CNN at 4
 bits. For each codec: stored bytes, and encode and decode throughput in integer weights per
 second (the weights the file holds, over wall time). zstd encodes on all cores (threads=-1);
-zstd and brotli decode on one, as their libraries do; .onnxc decodes its chunks one after the
-other (the ANS coder holds Python's global lock). Every decode is checked byte for byte.
+zstd and brotli decode on one, as their libraries do; .onnxc decodes its chunks in worker
+processes on all cores for models of 2^24 weights or more (the ANS coder holds Python's
+global lock, so threads would not help). Every decode is checked byte for byte.
 """
 
 from __future__ import annotations

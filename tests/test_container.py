@@ -3,6 +3,8 @@ file refused."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -217,3 +219,14 @@ def test_only_weight_only_models_are_folded(tmp_path):
         save_model(model, tmp_path / "q.onnx")
         assert weight_only(onnx.load(tmp_path / "q.onnx")) is expected
     assert not weight_only(onnx.load(MODELS / "digits_cnn.onnx"))
+
+
+def test_parallel_decoding_gives_the_same_bytes(monkeypatch, quantized_minilm):
+    """Chunks decoded in worker processes (forced here; by default only for large models)."""
+    from onnxcomp.container import format as container_format
+
+    data = quantized_minilm[4].read_bytes()
+    blob = pack(data)
+    monkeypatch.setattr(container_format, "PARALLEL_MIN", 1)
+    assert container_format._ChunkDecoder(2).workers == (os.cpu_count() if (os.cpu_count() or 1) > 1 else 1)
+    assert unpack(blob) == data

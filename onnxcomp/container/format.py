@@ -17,13 +17,17 @@ decoded file: a corrupted, truncated or foreign file is refused, never decoded.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
+import multiprocessing
+import os
 import shutil
 import tempfile
 import struct
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -145,14 +149,53 @@ def _encode_tensor(symbols: np.ndarray, bits: int) -> tuple[bytes, dict]:
     return best
 
 
-def _decode_tensor(stored: bytes, section: dict) -> bytes:
-    symbols, pos = [], 0
-    for chunk in section["chunks"]:
-        count, length = chunk[0], chunk[1]
-        counts = section["counts"] if section["counts"] is not None else chunk[2]
-        symbols.append(decode_symbols(stored[pos : pos + length], counts, count))
-        pos += length
-    return from_symbols(np.concatenate(symbols) if symbols else np.zeros(0, np.int32), section["bits"])
+def _chunk_jobs(blob, tensors: list[tuple[dict, int]]):
+    """(coded bytes, counts, symbol count) of every chunk, tensor after tensor."""
+    for section, pos in tensors:
+        for chunk in section["chunks"]:
+            count, length = chunk[0], chunk[1]
+            yield bytes(blob[pos : pos + length]), section["counts"] if section["counts"] is not None else chunk[2], count
+            pos += length
+
+
+def _decode_chunk(job: tuple[bytes, list[int], int]) -> np.ndarray:
+    return np.asarray(decode_symbols(*job), dtype=np.uint8)
+
+
+PARALLEL_MIN = 1 << 24  # symbols: below this, starting worker processes costs more than it saves
+
+
+class _ChunkDecoder:
+    """Decodes chunks in order, in worker processes when the container is large and the
+    machine has cores to spare (the ANS coder holds Python's global lock, so threads would
+    not help), with a bounded number of chunks in flight."""
+
+    def __init__(self, symbols: int):
+        cores = os.cpu_count() or 1
+        forkable = "fork" in multiprocessing.get_all_start_methods()
+        self.workers = cores if symbols >= PARALLEL_MIN and cores > 1 and forkable else 1
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def decode(self, jobs):
+        if self.pool is None:
+            yield from map(_decode_chunk, jobs)
+            return
+        window = collections.deque()
+        for job in jobs:
+            window.append(self.pool.submit(_decode_chunk, job))
+            if len(window) >= 4 * self.workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 PIECE = 1 << 26  # bytes read, hashed or compressed at a time: memory stays bounded
@@ -240,7 +283,10 @@ def read_toc(blob: bytes, source: str = "container") -> tuple[dict, int]:
         raise ContainerError(f"{source}: not an onnxcomp container (bad magic bytes); unpack only files made by onnxcomp pack")
     version = blob[len(MAGIC)]
     if version != VERSION:
-        raise ContainerError(f"{source}: container format version {version}, this onnxcomp reads version {VERSION}; upgrade onnxcomp")
+        raise ContainerError(
+            f"{source}: container format version {version}, this onnxcomp reads version {VERSION} only; "
+            "unpack it with the onnxcomp that made it, or pack the model again"
+        )
     pos = len(MAGIC) + 1
     if len(blob) < pos + 8:
         raise ContainerError(f"{source}: truncated inside the header; the file is incomplete")
@@ -296,7 +342,7 @@ class _Window(io.RawIOBase):
         return count
 
 
-def _decode_file(blob, located: list[tuple[dict, int]], out: BinaryIO) -> dict:
+def _decode_file(blob, located: list[tuple[dict, int]], out: BinaryIO, decoder: _ChunkDecoder) -> dict:
     """Rebuild one file into `out`, tensor by tensor; its size and SHA-256."""
     tensors = sorted(((s, p) for s, p in located if s["kind"] == "ans"), key=lambda item: item[0]["offset"])
     skeleton_section, skeleton_pos = next((s, p) for s, p in located if s["kind"] == "skeleton")
@@ -308,15 +354,17 @@ def _decode_file(blob, located: list[tuple[dict, int]], out: BinaryIO) -> dict:
         out.write(data)
         written += len(data)
 
+    chunks = decoder.decode(_chunk_jobs(blob, tensors))
     window = _Window(blob, skeleton_pos, skeleton_pos + skeleton_section["length"])
     with _zstd().ZstdDecompressor().stream_reader(window) as skeleton:
-        for section, pos in tensors:
+        for section, _ in tensors:
             while written < section["offset"]:
                 gap = skeleton.read(min(PIECE, section["offset"] - written))
                 if not gap:
                     break
                 emit(gap)
-            emit(_decode_tensor(bytes(blob[pos : pos + section["length"]]), section))
+            symbols = [next(chunks) for _ in section["chunks"]]
+            emit(from_symbols(np.concatenate(symbols) if symbols else np.zeros(0, np.uint8), section["bits"]))
         for piece in iter(lambda: skeleton.read(PIECE), b""):
             emit(piece)
     return {"size": written, "sha256": sha.hexdigest()}
@@ -329,13 +377,16 @@ def unpack_to(blob, open_output, source: str = "container") -> None:
     toc, pos = read_toc(blob, source)
     located = _checked_sections(blob, toc, pos, source)
     expected = [{"name": None, "size": toc["size"], "sha256": toc["sha256"]}, *toc["files"]]
-    for index, digest in enumerate(expected):
-        mine = [(s, p) for s, p in located if s["file"] == index]
-        if not any(s["kind"] == "skeleton" for s, _ in mine):
-            raise ContainerError(f"{source}: file {index} has no skeleton section; the file is corrupted")
-        if _decode_file(blob, mine, open_output(digest["name"])) != {"size": digest["size"], "sha256": digest["sha256"]}:
-            what = "model" if digest["name"] is None else f"external data file {digest['name']!r}"
-            raise ContainerError(f"{source}: decoded {what} fails its SHA-256; the file is corrupted")
+    symbols = sum(s["elements"] for s, _ in located if s["kind"] == "ans")
+    with _ChunkDecoder(symbols) as decoder:
+        for index, digest in enumerate(expected):
+            mine = [(s, p) for s, p in located if s["file"] == index]
+            if not any(s["kind"] == "skeleton" for s, _ in mine):
+                raise ContainerError(f"{source}: file {index} has no skeleton section; the file is corrupted")
+            decoded = _decode_file(blob, mine, open_output(digest["name"]), decoder)
+            if decoded != {"size": digest["size"], "sha256": digest["sha256"]}:
+                what = "model" if digest["name"] is None else f"external data file {digest['name']!r}"
+                raise ContainerError(f"{source}: decoded {what} fails its SHA-256; the file is corrupted")
 
 
 def unpack_files(blob, source: str = "container") -> tuple[bytes, dict[str, bytes]]:

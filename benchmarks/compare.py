@@ -198,12 +198,13 @@ def onnxcomp_entries(model: Path, calib: Path, bits_list: list[int], tmp: Path) 
 
 
 PEAK_SCRIPT = """
-import resource, sys, numpy as np, onnxruntime as ort
+import sys, numpy as np, onnxruntime as ort
 options = ort.SessionOptions()
 options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "{level}")
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 session.run(None, dict(np.load(sys.argv[2])))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec.
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024)
 """
 
 

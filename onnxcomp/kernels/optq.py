@@ -104,6 +104,47 @@ def _output_error(delta, h):
     return (h @ delta * delta).sum(dim=1)
 
 
+def _block_starts(dynamic: DynamicBlocks | None) -> dict[int, np.ndarray]:
+    """First row of each block → all its rows."""
+    starts: dict[int, np.ndarray] = {}
+    if dynamic is not None:
+        for block in np.unique(dynamic.row_block):
+            members = np.flatnonzero(dynamic.row_block == block)
+            starts[int(members[0])] = members
+    return starts
+
+
+def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch_rows: int, scale_dtype):
+    """The OPTQ sweep over the rows of m (updated in place, as are s and z for dynamic
+    blocks); the codes."""
+    torch = _torch()
+    starts = _block_starts(dynamic)
+    if starts:
+        high = torch.tensor(np.broadcast_to(dynamic.ratio_high, m.shape), dtype=m.dtype, device=m.device)
+        low = torch.tensor(np.broadcast_to(dynamic.ratio_low, m.shape), dtype=m.dtype, device=m.device)
+    # Lazy batches also end where a block starts, so its scale sees every earlier correction.
+    bounds = sorted(set(range(0, m.shape[1], batch_rows)) | set(starts) | {m.shape[1]})
+    codes = torch.empty_like(m)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if start in starts:
+            members = torch.tensor(starts[start], device=m.device)
+            block_s, block_z = _block_params(m[:, members], grid, high[:, start], low[:, start], scale_dtype)
+            s[:, members] = block_s[:, None]
+            if z is not None:
+                z[:, members] = block_z[:, None]
+        part = m[:, start:end].clone()
+        errors = torch.empty_like(part)
+        u = upper[:, start:end, start:end]
+        for i in range(end - start):
+            q, decoded = _round(part[:, i], s[:, start + i], None if z is None else z[:, start + i], grid)
+            codes[:, start + i] = q
+            err = (part[:, i] - decoded) / u[:, i, i, None]
+            part[:, i:] -= u[:, i, i:, None] * err[:, None, :]
+            errors[:, i] = err
+        m[:, end:] -= upper[:, start:end, end:].transpose(1, 2) @ errors
+    return codes
+
+
 def optq(
     matrix: np.ndarray,
     gram: np.ndarray,
@@ -133,64 +174,31 @@ def optq(
     m0 = torch.tensor(matrix, dtype=f64, device=dev)
     groups, rows, outputs = m0.shape
     h = torch.tensor(np.broadcast_to(gram, (groups, rows, rows)), dtype=f64, device=dev)
-    s = torch.tensor(scale, dtype=f64, device=dev).clone()
-    z = None if zero_point is None else torch.tensor(zero_point, dtype=f64, device=dev).clone()
+    given_s = torch.tensor(scale, dtype=f64, device=dev)
+    given_z = None if zero_point is None else torch.tensor(zero_point, dtype=f64, device=dev)
+
     if act_order:
         dynamic = None
         order = torch.argsort(-torch.diagonal(h, dim1=-2, dim2=-1), dim=-1, stable=True)  # (g, R)
     else:
         order = torch.arange(rows, device=dev).expand(groups, rows)
-    index = order[:, :, None].expand(groups, rows, outputs)
-    m = m0.gather(1, index).clone()
-    s, z = s.gather(1, index), None if z is None else z.gather(1, index)
-    h_perm = h.gather(1, order[:, :, None].expand(groups, rows, rows)).gather(2, order[:, None, :].expand(groups, rows, rows))
-    upper, lam = _inverse_cholesky(h_perm, damp)
+    by_row = order[:, :, None].expand(groups, rows, outputs)
+    m, s = m0.gather(1, by_row), given_s.gather(1, by_row)
+    z = None if given_z is None else given_z.gather(1, by_row)
+    h_ordered = h.gather(1, order[:, :, None].expand(groups, rows, rows)).gather(2, order[:, None, :].expand(groups, rows, rows))
+    upper, lam = _inverse_cholesky(h_ordered, damp)
+    codes = _round_rows(m, s, z, upper, grid, dynamic, batch_rows, scale_dtype)
 
-    block_rows: dict[int, np.ndarray] = {}
-    if dynamic is not None:  # order is the identity here
-        high = torch.tensor(np.broadcast_to(dynamic.ratio_high, m0.shape), dtype=f64, device=dev)
-        low = torch.tensor(np.broadcast_to(dynamic.ratio_low, m0.shape), dtype=f64, device=dev)
-        for block in np.unique(dynamic.row_block):
-            members = np.flatnonzero(dynamic.row_block == block)
-            block_rows[int(members[0])] = members
-    # Lazy batches also end where a block starts, so its scale sees every earlier correction.
-    bounds = sorted(set(range(0, rows, batch_rows)) | set(block_rows) | {rows})
-    codes = torch.empty_like(m)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if start in block_rows:
-            members = torch.tensor(block_rows[start], device=dev)
-            ratio_rows = members[:1]
-            block_s, block_z = _block_params(m[:, members], grid, high[:, ratio_rows].squeeze(1), low[:, ratio_rows].squeeze(1), scale_dtype)
-            s[:, members] = block_s[:, None]
-            if z is not None:
-                z[:, members] = block_z[:, None]
-        part = m[:, start:end].clone()
-        errors = torch.empty_like(part)
-        u = upper[:, start:end, start:end]
-        for i in range(end - start):
-            q, decoded = _round(part[:, i], s[:, start + i], None if z is None else z[:, start + i], grid)
-            codes[:, start + i] = q
-            err = (part[:, i] - decoded) / u[:, i, i, None]
-            part[:, i:] -= u[:, i, i:, None] * err[:, None, :]
-            errors[:, i] = err
-        m[:, end:] -= upper[:, start:end, end:].transpose(1, 2) @ errors
-
-    inverse = torch.argsort(order, dim=-1)[:, :, None].expand(groups, rows, outputs)
-    codes, s = codes.gather(1, inverse), s.gather(1, inverse)
-    z = None if z is None else z.gather(1, inverse)
-    offset = 0.0 if z is None else z
-    error = _output_error(m0 - (codes - offset) * s, h)
-
-    given_s = torch.tensor(scale, dtype=f64, device=dev)
-    given_z = None if zero_point is None else torch.tensor(zero_point, dtype=f64, device=dev)
+    back = torch.argsort(order, dim=-1)[:, :, None].expand(groups, rows, outputs)
+    codes, s = codes.gather(1, back), s.gather(1, back)
+    z = None if z is None else z.gather(1, back)
+    error = _output_error(m0 - (codes - (0.0 if z is None else z)) * s, h)
     nearest, decoded = _round(m0, given_s, given_z, grid)
     error_nearest = _output_error(m0 - decoded, h)
     keep_nearest = error_nearest <= error  # (g, N)
     pick = keep_nearest[:, None, :]
-    codes = torch.where(pick, nearest, codes)
-    s = torch.where(pick, given_s, s)
-    if z is not None:
-        z = torch.where(pick, given_z, z)
+    codes, s = torch.where(pick, nearest, codes), torch.where(pick, given_s, s)
+    z = None if z is None else torch.where(pick, given_z, z)
     return OptqResult(
         codes=codes.cpu().numpy().astype(np.int32),
         scale=s.cpu().numpy(),

@@ -43,7 +43,9 @@ def given_scales(w: np.ndarray, bits: int, asymmetric: bool, block: int | None):
 
 
 def output_error(w, codes, s, z, gram) -> float:
-    delta = w[None].astype(np.float64) - (codes - (0 if z is None else z)) * s
+    """δᵀHδ summed, with the weights decoded in float32 as DequantizeLinear decodes them."""
+    decoded = ((codes - (0 if z is None else z)) * s).astype(np.float32)
+    delta = w[None].astype(np.float64) - decoded
     return float(np.sum((gram @ delta) * delta))
 
 

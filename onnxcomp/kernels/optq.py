@@ -40,6 +40,7 @@ class OptqResult:
     zero_point: np.ndarray | None  # same shape, or None on a symmetric grid
     error: np.ndarray  # (groups, outputs): δᵀHδ of the rounding kept
     error_nearest: np.ndarray  # (groups, outputs): δᵀHδ of round-to-nearest under the given scales
+    energy: np.ndarray  # (groups, outputs): mᵀHm, the outputs' own energy
     fallback: int  # output channels where round-to-nearest was kept, being no worse
     damp: float  # the dampening that made H positive definite (a fraction of mean(diag H))
 
@@ -52,19 +53,24 @@ def _torch():
 
 def _inverse_cholesky(h, damp: float):
     """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹ per group, raising the
-    dampening tenfold (up to 3 times) where H is too close to singular."""
+    dampening tenfold (up to 3 times) where H is too close to singular.
+
+    With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J), and
+    J L⁻¹ J is upper triangular: one factorization and one triangular inverse, instead of
+    factoring H, inverting, and factoring the inverse again."""
     torch = _torch()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     mean = diag.mean(dim=-1).clamp(min=torch.finfo(h.dtype).tiny)
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     dead = diag <= 0  # inputs that are always zero: any rounding of their rows is exact
+    reversed_h = h.flip(-2, -1)
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     for attempt in range(4):
         lam = damp * 10**attempt
-        dampened = h + torch.diag_embed(dead.to(h.dtype)) * mean[:, None, None] + eye * (lam * mean)[:, None, None]
+        shift = (lam + dead.to(h.dtype)) * mean[:, None]  # (g, R), a diagonal added to H
+        dampened = reversed_h + torch.diag_embed(shift.flip(-1))
         lower, info = torch.linalg.cholesky_ex(dampened)
         if not info.any():
-            inverse = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(inverse, upper=True), lam
+            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-2, -1), lam
     raise np.linalg.LinAlgError("H is not positive definite even with 1000x the dampening")
 
 
@@ -76,8 +82,10 @@ def _torch_dtype(dtype):
 
 def _block_params(values, grid: Grid, ratio_high, ratio_low, dtype):
     """Scale and zero point of one block per output, from its current weights (rows axis 1),
-    rounded to the stored scale dtype as quantize() does."""
+    rounded to the stored scale dtype as quantize() does (from float64, as quantize() computes)."""
     torch = _torch()
+    sweep_dtype, values = values.dtype, values.double()
+    ratio_high, ratio_low = ratio_high.double(), ratio_low.double()
     if grid.asymmetric:
         lo = values.amin(dim=1).clamp(max=0.0) * ratio_low
         hi = values.amax(dim=1).clamp(min=0.0) * ratio_high
@@ -88,7 +96,7 @@ def _block_params(values, grid: Grid, ratio_high, ratio_low, dtype):
     scale = scale.to(_torch_dtype(dtype)).to(values.dtype)
     scale = torch.where(torch.isfinite(scale) & (scale != 0), scale, torch.ones_like(scale))
     zero = torch.clamp(torch.round(grid.qmin - lo / scale), grid.qmin, grid.qmax) if grid.asymmetric else None
-    return scale, zero
+    return scale.to(sweep_dtype), None if zero is None else zero.to(sweep_dtype)
 
 
 def _round(w, scale, zero, grid: Grid):
@@ -99,9 +107,23 @@ def _round(w, scale, zero, grid: Grid):
     return q, (q - offset) * scale
 
 
-def _output_error(delta, h):
-    """δᵀHδ per output column: (groups, outputs)."""
-    return (h @ delta * delta).sum(dim=1)
+def _decode_rounded(w, scale, zero, grid: Grid):
+    """(round(w/scale) + zero, clamped, − zero)·scale: what _round decodes, in fewer steps
+    (the inner loop of the sweep runs once per reduction row)."""
+    q = w / scale
+    q.round_()
+    if zero is None:
+        q.clamp_(grid.qmin, grid.qmax)
+    else:
+        q.add_(zero).clamp_(grid.qmin, grid.qmax).sub_(zero)
+    return q.mul_(scale)
+
+
+def _output_errors(deltas, h):
+    """δᵀHδ per output column ((groups, outputs) each) of several δ, in one product."""
+    stacked = _torch().cat(deltas, dim=2)
+    products = (h @ stacked * stacked).sum(dim=1)
+    return products.split(deltas[0].shape[2], dim=1)
 
 
 def _block_starts(dynamic: DynamicBlocks | None) -> dict[int, np.ndarray]:
@@ -124,6 +146,7 @@ def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch
         low = torch.tensor(np.broadcast_to(dynamic.ratio_low, m.shape), dtype=m.dtype, device=m.device)
     # Lazy batches also end where a block starts, so its scale sees every earlier correction.
     bounds = sorted(set(range(0, m.shape[1], batch_rows)) | set(starts) | {m.shape[1]})
+    inverse_diagonal = 1.0 / torch.diagonal(upper, dim1=-2, dim2=-1)[:, :, None]
     codes = torch.empty_like(m)
     for start, end in zip(bounds[:-1], bounds[1:]):
         if start in starts:
@@ -132,16 +155,19 @@ def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch
             s[:, members] = block_s[:, None]
             if z is not None:
                 z[:, members] = block_z[:, None]
-        part = m[:, start:end].clone()
+        part = m[:, start:end]  # corrected in place: row i is final once reached
         errors = torch.empty_like(part)
         u = upper[:, start:end, start:end]
         for i in range(end - start):
-            q, decoded = _round(part[:, i], s[:, start + i], None if z is None else z[:, start + i], grid)
-            codes[:, start + i] = q
-            err = (part[:, i] - decoded) / u[:, i, i, None]
-            part[:, i:] -= u[:, i, i:, None] * err[:, None, :]
-            errors[:, i] = err
-        m[:, end:] -= upper[:, start:end, end:].transpose(1, 2) @ errors
+            row, error = part[:, i], errors[:, i]
+            decoded = _decode_rounded(row, s[:, start + i], None if z is None else z[:, start + i], grid)
+            torch.sub(row, decoded, out=error)
+            error.mul_(inverse_diagonal[:, start + i])
+            if i + 1 < end - start:
+                part[:, i + 1 :].baddbmm_(u[:, i, i + 1 :, None], error[:, None, :], alpha=-1)
+        offset = 0.0 if z is None else z[:, start:end]
+        codes[:, start:end] = torch.clamp(torch.round(part / s[:, start:end]) + offset, grid.qmin, grid.qmax)
+        m[:, end:].baddbmm_(upper[:, start:end, end:].transpose(1, 2), errors, alpha=-1)
     return codes
 
 
@@ -170,31 +196,45 @@ def optq(
     """
     torch = _torch()
     dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-    f64 = torch.float64
-    m0 = torch.tensor(matrix, dtype=f64, device=dev)
-    groups, rows, outputs = m0.shape
-    h = torch.tensor(np.broadcast_to(gram, (groups, rows, rows)), dtype=f64, device=dev)
-    given_s = torch.tensor(scale, dtype=f64, device=dev)
-    given_z = None if zero_point is None else torch.tensor(zero_point, dtype=f64, device=dev)
+    f64, f32 = torch.float64, torch.float32
 
+    def tensor(array):
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(dev)
+
+    m0 = tensor(matrix)
+    groups, rows, outputs = m0.shape
+    h = tensor(gram).expand(groups, rows, rows)
+    given_s = tensor(scale)
+    given_z = None if zero_point is None else tensor(zero_point)
+
+    order = None
     if act_order:
         dynamic = None
         order = torch.argsort(-torch.diagonal(h, dim1=-2, dim2=-1), dim=-1, stable=True)  # (g, R)
+        by_row = order[:, :, None].expand(groups, rows, outputs)
+        m, s = m0.gather(1, by_row), given_s.gather(1, by_row)
+        z = None if given_z is None else given_z.gather(1, by_row)
+        h_ordered = h.gather(1, order[:, :, None].expand(groups, rows, rows)).gather(2, order[:, None, :].expand(groups, rows, rows))
     else:
-        order = torch.arange(rows, device=dev).expand(groups, rows)
-    by_row = order[:, :, None].expand(groups, rows, outputs)
-    m, s = m0.gather(1, by_row), given_s.gather(1, by_row)
-    z = None if given_z is None else given_z.gather(1, by_row)
-    h_ordered = h.gather(1, order[:, :, None].expand(groups, rows, rows)).gather(2, order[:, None, :].expand(groups, rows, rows))
+        m, s, z, h_ordered = m0, given_s, given_z, h
     upper, lam = _inverse_cholesky(h_ordered, damp)
-    codes = _round_rows(m, s, z, upper, grid, dynamic, batch_rows, scale_dtype)
+    # The sweep in float32 (as GPTQ runs it; the scales are float32 values already); the
+    # factorization and the errors that decide what is kept in float64.
+    s, z = s.to(f32), None if z is None else z.to(f32)
+    codes = _round_rows(m.to(f32), s, z, upper.to(f32), grid, dynamic, batch_rows, scale_dtype).to(f64)
+    s, z = s.to(f64), None if z is None else z.to(f64)
+    if order is not None:
+        back = torch.argsort(order, dim=-1)[:, :, None].expand(groups, rows, outputs)
+        codes, s = codes.gather(1, back), s.gather(1, back)
+        z = None if z is None else z.gather(1, back)
 
-    back = torch.argsort(order, dim=-1)[:, :, None].expand(groups, rows, outputs)
-    codes, s = codes.gather(1, back), s.gather(1, back)
-    z = None if z is None else z.gather(1, back)
-    error = _output_error(m0 - (codes - (0.0 if z is None else z)) * s, h)
-    nearest, decoded = _round(m0, given_s, given_z, grid)
-    error_nearest = _output_error(m0 - decoded, h)
+    nearest, _ = _round(m0, given_s, given_z, grid)
+    decoded = [(c - (0.0 if zp is None else zp)) * sc for c, zp, sc in ((codes, z, s), (nearest, given_z, given_s))]
+    # Decoded in the scale's dtype, as DequantizeLinear (and the report) computes them.
+    decoded = [d.to(_torch_dtype(scale_dtype)).to(f64) for d in decoded]
+    energy, error, error_nearest = _output_errors([m0, m0 - decoded[0], m0 - decoded[1]], h)
+    # Columns of one product may be summed in different orders: same weights, same error.
+    error = torch.where((decoded[0] == decoded[1]).all(dim=1), error_nearest, error)
     keep_nearest = error_nearest <= error  # (g, N)
     pick = keep_nearest[:, None, :]
     codes, s = torch.where(pick, nearest, codes), torch.where(pick, given_s, s)
@@ -205,6 +245,7 @@ def optq(
         zero_point=None if z is None else z.cpu().numpy().astype(np.int32),
         error=torch.minimum(error, error_nearest).cpu().numpy(),
         error_nearest=error_nearest.cpu().numpy(),
+        energy=energy.cpu().numpy(),
         fallback=int(keep_nearest.sum()),
         damp=lam,
     )

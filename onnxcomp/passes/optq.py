@@ -43,9 +43,10 @@ def optq_quantize(
     ratio_high=1.0,
     ratio_low=1.0,
     device: str = "cpu",
-) -> tuple[Quantized, str]:
+) -> tuple[Quantized, float, str]:
     """Codes for `w` rounded by OPTQ under `qt`'s scales (blocks: re-chosen as each block is
-    reached, with the same clip ratios), and a note for the report."""
+    reached, with the same clip ratios), the layer's relative output error
+    tr(ΔWᵀHΔW)/tr(WᵀHW) after rounding, and a note for the report."""
     shape = w.shape
     dynamic = None if config.optq_act_order else _dynamic_blocks(layer, qt, shape, ratio_high, ratio_low)
     result = optq(
@@ -70,4 +71,7 @@ def optq_quantize(
         notes.append(f"optq: round-to-nearest kept on {result.fallback} of {result.error.size} channels")
     if result.damp > config.optq_damp:
         notes.append(f"optq: dampening raised to {result.damp:g}")
-    return Quantized(np.ascontiguousarray(codes), scale, zero_point, qt.axis, qt.block_size), "; ".join(notes)
+    energy = float(result.energy.sum())
+    relative_error = float(result.error.sum()) / energy if energy > 0 else 0.0
+    quantized = Quantized(np.ascontiguousarray(codes), scale, zero_point, qt.axis, qt.block_size)
+    return quantized, relative_error, "; ".join(notes)

@@ -190,7 +190,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             return record
         axis, block_size, granularity, note = layout(layer, self.config)
         grid = grid_for(bits, self.config.asymmetric)
-        sqrt, ratios = False, {}
+        sqrt, ratios, output_error = False, {}, None
         if self.config.range_search or self.config.sqrt:
             choice = choose_range(layer, w, grid, axis, block_size, self.config, None if gram is None else gram.matrix)
             qt, w_hat, sqrt = choice.qt, choice.w_hat, choice.sqrt
@@ -204,7 +204,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 note = "; ".join(filter(None, [note, "optq: no input statistics, rounded to nearest"]))
             else:
                 device = self.calibration.device if self.calibration is not None else "cpu"
-                qt, optq_note = optq_quantize(layer, w, qt, grid, gram.matrix, self.config, device=device, **ratios)
+                qt, output_error, optq_note = optq_quantize(layer, w, qt, grid, gram.matrix, self.config, device=device, **ratios)
                 w_hat = dequantize(qt)
                 note = "; ".join(filter(None, [note, optq_note]))
         dq_out = emit_dequantize(graph, names, layer, qt, bits)
@@ -222,7 +222,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         record.bytes_after = packed_bytes(qt, bits)
         record.note = note
         if gram is not None:
-            record.output_error = relative_output_error(layer, gram.matrix, w, w_hat)
+            if output_error is None:  # OPTQ measured it already
+                output_error = relative_output_error(layer, gram.matrix, w, w_hat)
+            record.output_error = output_error
             if self.config.bias_correction:
                 corrected = correct_bias(graph, names, layer, gram.mean, w, w_hat) is not None
                 record.note = "; ".join(filter(None, [note, "bias corrected" if corrected else "no bias to correct"]))

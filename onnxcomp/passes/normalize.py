@@ -34,12 +34,36 @@ def check_finite(model: ir.Model) -> None:
             )
 
 
+# Initializers larger than this cross the version converter as references, not bytes.
+_PLACEHOLDER_BYTES = 1024
+_PLACEHOLDER = "onnxcomp-weight-kept-in-memory"
+
+
+def _serialize_without_weights(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol]]:
+    """The model's proto with each large initializer's data left out (an external-data
+    reference stands in for it: no converter rule rewrites existing weights), and the
+    tensors left out, by name."""
+    kept = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is not None and tensor.nbytes > _PLACEHOLDER_BYTES:
+            kept[name] = tensor
+            value.const_value = ir.ExternalTensor(
+                _PLACEHOLDER, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name
+            )
+    try:
+        return ir.serde.serialize_model(model), kept
+    finally:
+        for name, tensor in kept.items():
+            model.graph.initializers[name].const_value = tensor
+
+
 def raise_opset(model: ir.Model, target: int) -> bool:
     """Convert the default-domain opset up to `target` with onnx.version_converter."""
     current = default_opset(model)
     if current >= target:
         return False
-    proto = ir.serde.serialize_model(model)
+    proto, kept = _serialize_without_weights(model)
     try:
         converted = onnx.version_converter.convert_version(proto, target)
     except Exception as err:
@@ -49,6 +73,8 @@ def raise_opset(model: ir.Model, target: int) -> bool:
             "re-export the model at that opset, or choose --bits 8 (opset 13 suffices)"
         ) from None
     fresh = ir.serde.deserialize_model(converted)
+    for name, tensor in kept.items():
+        fresh.graph.initializers[name].const_value = tensor
     model.graph = fresh.graph
     model.ir_version = max(model.ir_version, _IR_VERSION_FOR_OPSET.get(target, model.ir_version))
     return True

@@ -11,18 +11,37 @@ import numpy as np
 _GRAM_CHUNK_ELEMENTS = 1 << 24
 
 
-@dataclass
 class Gram:
     """H = XᵀX per group (float64), and the rows' sum, over every row the layer has
-    multiplied so far."""
+    multiplied so far.
 
-    matrix: np.ndarray  # (groups, reduction, reduction)
-    sums: np.ndarray  # (groups, reduction)
-    rows: int = 0
+    Rows wait in a buffer until there are max(reduction, `MIN_PRODUCT_ROWS`) of them: XᵀX
+    over a thin slice of rows runs far below the machine's speed. The buffer stays about the
+    size of H (or of 1024 rows, for narrow layers), whatever the number of samples.
+    """
+
+    MIN_PRODUCT_ROWS = 1024
+
+    def __init__(self, matrix: np.ndarray, sums: np.ndarray, rows: int = 0):
+        self._matrix, self._sums, self.rows = matrix, sums, rows
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
 
     @classmethod
     def empty(cls, groups: int, reduction: int) -> Gram:
         return cls(np.zeros((groups, reduction, reduction)), np.zeros((groups, reduction)))
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """(groups, reduction, reduction)."""
+        self._flush()
+        return self._matrix
+
+    @property
+    def sums(self) -> np.ndarray:
+        """(groups, reduction)."""
+        self._flush()
+        return self._sums
 
     @property
     def mean(self) -> np.ndarray:
@@ -31,12 +50,22 @@ class Gram:
 
     def add(self, rows: np.ndarray) -> None:
         """rows: (groups, n, reduction)."""
+        self._pending.append(rows.astype(np.float64))
+        self._pending_rows += rows.shape[1]
+        self.rows += rows.shape[1]
+        if self._pending_rows >= max(self._matrix.shape[-1], self.MIN_PRODUCT_ROWS):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        rows = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending, axis=1)
+        self._pending, self._pending_rows = [], 0
         step = max(1, _GRAM_CHUNK_ELEMENTS // max(1, rows.shape[0] * rows.shape[2]))
         for start in range(0, rows.shape[1], step):
-            chunk = rows[:, start : start + step].astype(np.float64)
-            self.matrix += np.matmul(chunk.transpose(0, 2, 1), chunk)
-            self.sums += chunk.sum(axis=1)
-        self.rows += rows.shape[1]
+            chunk = rows[:, start : start + step]
+            self._matrix += np.matmul(chunk.transpose(0, 2, 1), chunk)
+            self._sums += chunk.sum(axis=1)
 
 
 @dataclass

@@ -41,8 +41,12 @@ class OptqResult:
     error: np.ndarray  # (groups, outputs): δᵀHδ of the rounding kept
     error_nearest: np.ndarray  # (groups, outputs): δᵀHδ of round-to-nearest under the given scales
     energy: np.ndarray  # (groups, outputs): mᵀHm, the outputs' own energy
-    fallback: int  # output channels where round-to-nearest was kept, being no worse
-    damp: float  # the dampening that made H positive definite (a fraction of mean(diag H))
+    kept_nearest: np.ndarray  # (groups, outputs): where round-to-nearest was kept, being no worse
+    damp: np.ndarray  # (groups,): the dampening that made H positive definite (a fraction of mean(diag H))
+
+    @property
+    def fallback(self) -> int:
+        return int(self.kept_nearest.sum())
 
 
 def _torch():
@@ -52,8 +56,8 @@ def _torch():
 
 
 def _inverse_cholesky(h, damp: float):
-    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹ per group, raising the
-    dampening tenfold (up to 3 times) where H is too close to singular.
+    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹ per group, and λ per group: `damp`,
+    raised tenfold (up to 3 times) for the groups whose H is too close to singular.
 
     With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J), and
     J L⁻¹ J is upper triangular: one factorization and one triangular inverse, instead of
@@ -63,14 +67,18 @@ def _inverse_cholesky(h, damp: float):
     mean = diag.mean(dim=-1).clamp(min=torch.finfo(h.dtype).tiny)
     dead = diag <= 0  # inputs that are always zero: any rounding of their rows is exact
     reversed_h = h.flip(-2, -1)
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-    for attempt in range(4):
-        lam = damp * 10**attempt
-        shift = (lam + dead.to(h.dtype)) * mean[:, None]  # (g, R), a diagonal added to H
-        dampened = reversed_h + torch.diag_embed(shift.flip(-1))
-        lower, info = torch.linalg.cholesky_ex(dampened)
-        if not info.any():
-            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-2, -1), lam
+    lam = torch.full_like(mean, damp)
+    lower = torch.empty_like(h)
+    todo = torch.arange(h.shape[0], device=h.device)
+    for _ in range(4):
+        shift = (lam[todo, None] + dead[todo].to(h.dtype)) * mean[todo, None]  # a diagonal added to H
+        factor, info = torch.linalg.cholesky_ex(reversed_h[todo] + torch.diag_embed(shift.flip(-1)))
+        lower[todo] = factor
+        todo = todo[info != 0]
+        if not len(todo):
+            eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+            return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-2, -1), lam.cpu().numpy()
+        lam[todo] *= 10
     raise np.linalg.LinAlgError("H is not positive definite even with 1000x the dampening")
 
 
@@ -246,6 +254,6 @@ def optq(
         error=torch.minimum(error, error_nearest).cpu().numpy(),
         error_nearest=error_nearest.cpu().numpy(),
         energy=energy.cpu().numpy(),
-        fallback=int(keep_nearest.sum()),
+        kept_nearest=keep_nearest.cpu().numpy(),
         damp=lam,
     )

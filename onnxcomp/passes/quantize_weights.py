@@ -4,6 +4,7 @@ initializer feeding DequantizeLinear (per-tensor, per-channel or blockwise)."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
@@ -14,12 +15,12 @@ from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.calibration.statistics import Gram
 from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError
-from onnxcomp.kernels.quantize import Quantized, dequantize, grid_for, quantize, relative_mse
+from onnxcomp.kernels.quantize import Grid, Quantized, dequantize, grid_for, quantize, relative_mse
 from onnxcomp.layer_matrix import relative_output_error
 from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth
 from onnxcomp.passes.bias_correction import correct_bias
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
-from onnxcomp.passes.optq import optq_quantize
+from onnxcomp.passes.optq import OptqJob, optq_quantize_all
 from onnxcomp.passes.range_search import choose_range
 from onnxcomp.report import LayerRecord, Report
 
@@ -132,6 +133,28 @@ def packed_bytes(qt: Quantized, bits: int) -> int:
     return codes + qt.scale.nbytes + zp
 
 
+@dataclass
+class _Planned:
+    """A layer on its way through the pass: its record, and what it will be replaced by."""
+
+    layer: WeightLayer
+    record: LayerRecord
+    bits: int = 0
+    w: np.ndarray | None = None
+    qt: Quantized | None = None
+    w_hat: np.ndarray | None = None  # what the graph will decode
+    grid: Grid | None = None
+    sqrt: bool = False
+    ratios: dict = field(default_factory=dict)
+    gram: Gram | None = None
+    note: str = ""
+    output_error: float | None = None
+
+
+# Weight elements of the layers held back for OPTQ before they are rounded together.
+OPTQ_WINDOW_ELEMENTS = 1 << 25
+
+
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """Replace each quantizable weight W of a layer by DequantizeLinear(Q(W))."""
 
@@ -158,22 +181,33 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             stats = self.calibration.statistics(model, purpose, layers=[l for l in layers if l.data is not None])
             grams = {node: record.gram for node, record in stats.layers.items()}
         names = NameAllocator(graph)
-        modified = False
         edge = {id(layers[0]), id(layers[-1])} if layers and self.config.keep_first_last_bits else set()
-        for layer in tqdm(layers, desc="quantize", unit="layer", disable=not self.progress or len(layers) < 8, leave=False):
+        bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not self.progress or len(layers) < 8, leave=False)
+        window, held = [], 0  # layers held back so that OPTQ can round those of one shape together
+        modified = False
+        for layer in layers:
             bits = self.config.keep_first_last_bits if id(layer) in edge else self.config.bits
             if layer.node.op_type == "Gather" and self.config.gather_bits:
                 bits = self.config.gather_bits
-            record = self._quantize_layer(graph, names, layer, bits, grams.get(layer.node))
-            self.report.layers.append(record)
-            modified |= record.bits is not None
+            planned = self._plan(layer, bits, grams.get(layer.node))
+            window.append(planned)
+            held += planned.w.size if self._needs_optq(planned) else 0
+            if held >= OPTQ_WINDOW_ELEMENTS:
+                modified |= self._finish(graph, names, window, bar)
+                window, held = [], 0
+        modified |= self._finish(graph, names, window, bar)
+        bar.close()
         if modified and self.calibration is not None:
             self.calibration.mark_stale()
         return ir.passes.PassResult(model, modified=modified)
 
-    def _quantize_layer(
-        self, graph: ir.Graph, names: NameAllocator, layer: WeightLayer, bits: int, gram: Gram | None
-    ) -> LayerRecord:
+    def _needs_optq(self, planned: _Planned) -> bool:
+        # An embedding table has no inputs to balance.
+        return self.config.rounding == "optq" and planned.qt is not None and planned.layer.data is not None
+
+    def _plan(self, layer: WeightLayer, bits: int, gram: Gram | None) -> _Planned:
+        """The record, and round-to-nearest (or the range search's) codes under the chosen
+        scales; OPTQ, where asked for, rounds them again in `_finish`."""
         w = layer.weight.const_value.numpy()
         record = LayerRecord(
             name=layer.name,
@@ -184,48 +218,66 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             bytes_before=int(w.nbytes),
             bytes_after=int(w.nbytes),
         )
+        planned = _Planned(layer, record, bits, w, gram=gram)
         reason = skip_reason(layer, self.config)
         if reason:
             record.note = reason
-            return record
-        axis, block_size, granularity, note = layout(layer, self.config)
-        grid = grid_for(bits, self.config.asymmetric)
-        sqrt, ratios, output_error = False, {}, None
+            return planned
+        axis, block_size, record.granularity, planned.note = layout(layer, self.config)
+        planned.grid = grid_for(bits, self.config.asymmetric)
         if self.config.range_search or self.config.sqrt:
-            choice = choose_range(layer, w, grid, axis, block_size, self.config, None if gram is None else gram.matrix)
-            qt, w_hat, sqrt = choice.qt, choice.w_hat, choice.sqrt
-            ratios = {"ratio_high": choice.ratio_high, "ratio_low": choice.ratio_low}
+            choice = choose_range(layer, w, planned.grid, axis, block_size, self.config, None if gram is None else gram.matrix)
+            planned.qt, planned.w_hat, planned.sqrt = choice.qt, choice.w_hat, choice.sqrt
+            planned.ratios = {"ratio_high": choice.ratio_high, "ratio_low": choice.ratio_low}
             record.range_search = choice.summary
         else:
-            qt = quantize(w, grid, axis=axis, block_size=block_size)
-            w_hat = dequantize(qt)
-        if self.config.rounding == "optq" and layer.data is not None:  # an embedding table has no inputs to balance
-            if gram is None:
-                note = "; ".join(filter(None, [note, "optq: no input statistics, rounded to nearest"]))
-            else:
-                device = self.calibration.device if self.calibration is not None else "cpu"
-                qt, output_error, optq_note = optq_quantize(layer, w, qt, grid, gram.matrix, self.config, device=device, **ratios)
-                w_hat = dequantize(qt)
-                note = "; ".join(filter(None, [note, optq_note]))
-        dq_out = emit_dequantize(graph, names, layer, qt, bits)
-        if sqrt:
+            planned.qt = quantize(w, planned.grid, axis=axis, block_size=block_size)
+            planned.w_hat = dequantize(planned.qt)
+        return planned
+
+    def _finish(self, graph: ir.Graph, names: NameAllocator, window: list[_Planned], bar) -> bool:
+        """Round the window's OPTQ layers together, then replace each weight, in layer order."""
+        rounding = [p for p in window if self._needs_optq(p) and p.gram is not None]
+        for planned in window:
+            if self._needs_optq(planned) and planned.gram is None:
+                planned.note = "; ".join(filter(None, [planned.note, "optq: no input statistics, rounded to nearest"]))
+        if rounding:
+            jobs = [OptqJob(p.layer, p.w, p.qt, p.grid, p.gram.matrix, **p.ratios) for p in rounding]
+            device = self.calibration.device if self.calibration is not None else "cpu"
+            outcomes = optq_quantize_all(jobs, self.config, device=device, done=bar.update)
+            for planned, outcome in zip(rounding, outcomes):
+                planned.qt, planned.output_error = outcome.qt, outcome.output_error
+                planned.w_hat = dequantize(outcome.qt)
+                planned.note = "; ".join(filter(None, [planned.note, outcome.note]))
+        modified = False
+        for planned in window:
+            if planned.qt is not None:
+                self._replace(graph, names, planned)
+                modified = True
+            if planned not in rounding:
+                bar.update(1)
+            self.report.layers.append(planned.record)
+        return modified
+
+    def _replace(self, graph: ir.Graph, names: NameAllocator, planned: _Planned) -> None:
+        layer, record, qt, w, w_hat, gram = planned.layer, planned.record, planned.qt, planned.w, planned.w_hat, planned.gram
+        dq_out = emit_dequantize(graph, names, layer, qt, planned.bits)
+        if planned.sqrt:
             dq_out = emit_sqrt_decode(graph, names, layer, dq_out)
         index = next(i for i, v in enumerate(layer.node.inputs) if v is layer.weight)
         layer.node.replace_input_with(index, dq_out)
         if not list(layer.weight.uses()) and layer.weight.name in graph.initializers:
             graph.initializers.pop(layer.weight.name)
-        record.bits = bits
-        record.granularity = granularity
-        record.grid = f"{'u' if grid.asymmetric else ''}int{storage_bits(bits)} {grid.label}"
+        record.bits = planned.bits
+        record.grid = f"{'u' if planned.grid.asymmetric else ''}int{storage_bits(planned.bits)} {planned.grid.label}"
         record.range_after = (float(w_hat.min()), float(w_hat.max()))
         record.relative_mse = relative_mse(w, w_hat)
-        record.bytes_after = packed_bytes(qt, bits)
-        record.note = note
+        record.bytes_after = packed_bytes(qt, planned.bits)
+        record.note = planned.note
         if gram is not None:
-            if output_error is None:  # OPTQ measured it already
-                output_error = relative_output_error(layer, gram.matrix, w, w_hat)
-            record.output_error = output_error
+            if planned.output_error is None:  # OPTQ measured it already
+                planned.output_error = relative_output_error(layer, gram.matrix, w, w_hat)
+            record.output_error = planned.output_error
             if self.config.bias_correction:
                 corrected = correct_bias(graph, names, layer, gram.mean, w, w_hat) is not None
-                record.note = "; ".join(filter(None, [note, "bias corrected" if corrected else "no bias to correct"]))
-        return record
+                record.note = "; ".join(filter(None, [record.note, "bias corrected" if corrected else "no bias to correct"]))

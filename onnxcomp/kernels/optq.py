@@ -206,8 +206,9 @@ def optq(
     dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     f64, f32 = torch.float64, torch.float32
 
-    def tensor(array):
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(dev)
+    def tensor(array):  # shares the array's memory where it can
+        array = np.ascontiguousarray(array, dtype=np.float64)
+        return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dev)
 
     m0 = tensor(matrix)
     groups, rows, outputs = m0.shape

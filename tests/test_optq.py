@@ -171,3 +171,22 @@ def test_optq_beats_nearest_on_minilm(tmp_path, minilm, minilm_calib, minilm_fee
         save_model(model, tmp_path / "q.onnx")
         cosines[rounding] = mean_cosine(reference, outputs(tmp_path / "q.onnx", minilm_feeds, 0)["sentence_embedding"])
     assert cosines["optq"] > cosines["nearest"] + 0.03, cosines
+
+
+def test_stacked_layers_round_as_they_would_alone():
+    """Layers stacked as groups (as the pass stacks layers of one shape) get the codes each
+    would get alone; a nearly singular one raises its own dampening, not the others'."""
+    problems = [problem(seed, rank) for seed, rank in ((3, None), (4, 24), (5, None))]
+    grid = grid_for(3, False)
+    scales = [given_scales(w, 3, False, None)[2] for w, _ in problems]
+    singular = problems[1][1].copy()
+    mean = np.trace(singular[0]) / singular.shape[1]
+    singular[0, 5:7, :] = singular[0, :, 5:7] = 0.0
+    singular[0, 5:7, 5:7] = [[mean, 1.05 * mean], [1.05 * mean, mean]]  # indefinite at 1% dampening, not at 10%
+    grams = [problems[0][1], singular, problems[2][1]]
+    alone = [optq(w[None], g, s, None, grid) for (w, _), g, s in zip(problems, grams, scales)]
+    stacked = optq(np.stack([w for w, _ in problems]), np.concatenate(grams), np.concatenate(scales), None, grid)
+    for index, result in enumerate(alone):
+        np.testing.assert_array_equal(stacked.codes[index], result.codes[0])
+        np.testing.assert_allclose(stacked.error[index], result.error[0], rtol=1e-9)
+    assert stacked.damp[1] > 0.01 and stacked.damp[0] == stacked.damp[2] == 0.01

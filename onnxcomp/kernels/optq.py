@@ -55,28 +55,30 @@ def _torch():
     return load()
 
 
-def _inverse_cholesky(h, damp: float):
+def _inverse_cholesky(h, damp: float, dtype):
     """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹ per group, and λ per group: `damp`,
     raised tenfold (up to 3 times) for the groups whose H is too close to singular.
 
     With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J), and
     J L⁻¹ J is upper triangular: one factorization and one triangular inverse, instead of
-    factoring H, inverting, and factoring the inverse again."""
+    factoring H, inverting, and factoring the inverse again. Computed in `dtype`."""
     torch = _torch()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
-    mean = diag.mean(dim=-1).clamp(min=torch.finfo(h.dtype).tiny)
+    mean = diag.mean(dim=-1)
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))  # H = 0: no rounding costs anything
     dead = diag <= 0  # inputs that are always zero: any rounding of their rows is exact
-    reversed_h = h.flip(-2, -1)
     lam = torch.full_like(mean, damp)
-    lower = torch.empty_like(h)
+    lower = torch.empty(h.shape, dtype=dtype, device=h.device)
     todo = torch.arange(h.shape[0], device=h.device)
     for _ in range(4):
         shift = (lam[todo, None] + dead[todo].to(h.dtype)) * mean[todo, None]  # a diagonal added to H
-        factor, info = torch.linalg.cholesky_ex(reversed_h[todo] + torch.diag_embed(shift.flip(-1)))
+        dampened = (h if len(todo) == h.shape[0] else h[todo]).flip(-2, -1).to(dtype)
+        torch.diagonal(dampened, dim1=-2, dim2=-1).add_(shift.flip(-1).to(dtype))
+        factor, info = torch.linalg.cholesky_ex(dampened)
         lower[todo] = factor
         todo = todo[info != 0]
         if not len(todo):
-            eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+            eye = torch.eye(h.shape[-1], dtype=dtype, device=h.device)
             return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-2, -1), lam.cpu().numpy()
         lam[todo] *= 10
     raise np.linalg.LinAlgError("H is not positive definite even with 1000x the dampening")
@@ -226,11 +228,12 @@ def optq(
         h_ordered = h.gather(1, order[:, :, None].expand(groups, rows, rows)).gather(2, order[:, None, :].expand(groups, rows, rows))
     else:
         m, s, z, h_ordered = m0, given_s, given_z, h
-    upper, lam = _inverse_cholesky(h_ordered, damp)
-    # The sweep in float32 (as GPTQ runs it; the scales are float32 values already); the
-    # factorization and the errors that decide what is kept in float64.
+    # The factorization and the sweep in float32, as GPTQ runs them (on MiniLM, embedding
+    # cosines within 2e-4 of float64 at 4 and 2 bits, in half the time; the scales are float32
+    # values already); the errors that decide what is kept, in float64.
+    upper, lam = _inverse_cholesky(h_ordered, damp, f32)
     s, z = s.to(f32), None if z is None else z.to(f32)
-    codes = _round_rows(m.to(f32), s, z, upper.to(f32), grid, dynamic, batch_rows, scale_dtype).to(f64)
+    codes = _round_rows(m.to(f32), s, z, upper, grid, dynamic, batch_rows, scale_dtype).to(f64)
     s, z = s.to(f64), None if z is None else z.to(f64)
     if order is not None:
         back = torch.argsort(order, dim=-1)[:, :, None].expand(groups, rows, outputs)

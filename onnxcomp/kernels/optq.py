@@ -129,11 +129,10 @@ def _decode_rounded(w, scale, zero, grid: Grid):
     return q.mul_(scale)
 
 
-def _output_errors(deltas, h):
-    """δᵀHδ per output column ((groups, outputs) each) of several δ, in one product."""
-    stacked = _torch().cat(deltas, dim=2)
-    products = (h @ stacked * stacked).sum(dim=1)
-    return products.split(deltas[0].shape[2], dim=1)
+def _quadratic(delta, h):
+    """δᵀHδ per output column: (groups, outputs)."""
+    product = h @ delta
+    return product.mul_(delta).sum(dim=1)
 
 
 def _block_starts(dynamic: DynamicBlocks | None) -> dict[int, np.ndarray]:
@@ -152,8 +151,11 @@ def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch
     torch = _torch()
     starts = _block_starts(dynamic)
     if starts:
-        high = torch.tensor(np.broadcast_to(dynamic.ratio_high, m.shape), dtype=m.dtype, device=m.device)
-        low = torch.tensor(np.broadcast_to(dynamic.ratio_low, m.shape), dtype=m.dtype, device=m.device)
+        first_rows = sorted(starts)  # a block's ratios, read on its first row
+        high, low = (
+            dict(zip(first_rows, torch.tensor(np.broadcast_to(ratio, m.shape)[:, first_rows], device=m.device).unbind(1)))
+            for ratio in (dynamic.ratio_high, dynamic.ratio_low)
+        )
     # Lazy batches also end where a block starts, so its scale sees every earlier correction.
     bounds = sorted(set(range(0, m.shape[1], batch_rows)) | set(starts) | {m.shape[1]})
     inverse_diagonal = 1.0 / torch.diagonal(upper, dim1=-2, dim2=-1)[:, :, None]
@@ -161,7 +163,7 @@ def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch
     for start, end in zip(bounds[:-1], bounds[1:]):
         if start in starts:
             members = torch.tensor(starts[start], device=m.device)
-            block_s, block_z = _block_params(m[:, members], grid, high[:, start], low[:, start], scale_dtype)
+            block_s, block_z = _block_params(m[:, members], grid, high[start], low[start], scale_dtype)
             s[:, members] = block_s[:, None]
             if z is not None:
                 z[:, members] = block_z[:, None]
@@ -241,12 +243,20 @@ def optq(
         z = None if z is None else z.gather(1, back)
 
     nearest, _ = _round(m0, given_s, given_z, grid)
-    decoded = [(c - (0.0 if zp is None else zp)) * sc for c, zp, sc in ((codes, z, s), (nearest, given_z, given_s))]
-    # Decoded in the scale's dtype, as DequantizeLinear (and the report) computes them.
-    decoded = [d.to(_torch_dtype(scale_dtype)).to(f64) for d in decoded]
-    energy, error, error_nearest = _output_errors([m0, m0 - decoded[0], m0 - decoded[1]], h)
-    # Columns of one product may be summed in different orders: same weights, same error.
-    error = torch.where((decoded[0] == decoded[1]).all(dim=1), error_nearest, error)
+    stored = _torch_dtype(scale_dtype)
+
+    def error_of(c, zp, sc):
+        """δᵀHδ per output, the weights decoded in the scale's dtype as DequantizeLinear (and
+        the report) decodes them."""
+        delta = m0 - ((c if zp is None else c - zp) * sc).to(stored).to(f64)
+        return _quadratic(delta, h)
+
+    energy, error, error_nearest = _quadratic(m0, h), error_of(codes, z, s), error_of(nearest, given_z, given_s)
+    # Equal weights, equal errors (the products' sums may round differently).
+    same = (codes == nearest).all(dim=1) & (s == given_s).all(dim=1)
+    if z is not None:
+        same &= (z == given_z).all(dim=1)
+    error = torch.where(same, error_nearest, error)
     keep_nearest = error_nearest <= error  # (g, N)
     pick = keep_nearest[:, None, :]
     codes, s = torch.where(pick, nearest, codes), torch.where(pick, given_s, s)

@@ -18,8 +18,10 @@ from onnxcomp.kernels.quantize import Grid, Quantized, collapse, expand
 from onnxcomp.layer_matrix import weight_from_matrix, weight_matrix
 from onnxcomp.layers import WeightLayer
 
-# Gram matrices stacked into one kernel call, at most (float64 bytes).
-STACK_BYTES = 1 << 28
+# One kernel call stacks layers up to these sizes: Gram matrices (float64 bytes) and weights
+# (elements; each costs a few float64 copies in the matrix form).
+STACK_GRAM_BYTES = 1 << 28
+STACK_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -53,11 +55,6 @@ class _Problem:
     zero_point: np.ndarray | None
     dynamic: DynamicBlocks | None
 
-    def key(self, job: OptqJob) -> tuple:
-        """Problems with equal keys can share one kernel call."""
-        blocks = None if self.dynamic is None else self.dynamic.row_block.tobytes()
-        return (self.matrix.shape[1:], job.grid, job.qt.scale.dtype.str, self.zero_point is None, blocks)
-
 
 def _as_matrix(layer: WeightLayer, param, qt: Quantized, shape) -> np.ndarray:
     """A scale-layout parameter as one value per element of the layer's matrix form."""
@@ -65,30 +62,42 @@ def _as_matrix(layer: WeightLayer, param, qt: Quantized, shape) -> np.ndarray:
     return np.ascontiguousarray(weight_matrix(layer, np.ascontiguousarray(full)))
 
 
-def _dynamic_blocks(job: OptqJob) -> DynamicBlocks | None:
-    """Which matrix row belongs to which block, when blocks are sets of rows that lie within
-    one group (for ConvTranspose, blocks of input channels could cross groups: None)."""
-    layer, qt, shape = job.layer, job.qt, job.w.shape
-    if qt.block_size is None:
-        return None
-    if layer.node.op_type == "ConvTranspose" and (shape[0] // layer.groups) % qt.block_size:
-        return None
+def _row_blocks(job: OptqJob) -> np.ndarray:
+    """The block of each matrix row."""
+    layer, qt = job.layer, job.qt
     ids = np.arange(qt.scale.size, dtype=np.float64).reshape(qt.scale.shape)
-    row_block = _as_matrix(layer, ids, qt, shape)[0, :, 0].astype(np.int64)
-    high = _as_matrix(layer, np.broadcast_to(job.ratio_high, qt.scale.shape), qt, shape)
-    low = _as_matrix(layer, np.broadcast_to(job.ratio_low, qt.scale.shape), qt, shape)
-    return DynamicBlocks(row_block, high, low)
+    return _as_matrix(layer, ids, qt, job.w.shape)[0, :, 0].astype(np.int64)
+
+
+def _blocks_fixed_when_reached(job: OptqJob, config: QuantConfig) -> bool:
+    """Blockwise scales are re-chosen as each block is reached, where blocks are sets of rows
+    within one group (for ConvTranspose, blocks of input channels could cross groups)."""
+    layer, qt, shape = job.layer, job.qt, job.w.shape
+    if config.optq_act_order or qt.block_size is None:
+        return False
+    return not (layer.node.op_type == "ConvTranspose" and (shape[0] // layer.groups) % qt.block_size)
+
+
+def _key(job: OptqJob, config: QuantConfig) -> tuple:
+    """Jobs with equal keys can share one kernel call."""
+    blocks = _row_blocks(job).tobytes() if _blocks_fixed_when_reached(job, config) else None
+    shape = weight_matrix(job.layer, job.w).shape[1:]
+    return (shape, job.grid, job.qt.scale.dtype.str, job.qt.zero_point is None, blocks)
 
 
 def _problem(job: OptqJob, config: QuantConfig) -> _Problem:
     layer, qt, shape = job.layer, job.qt, job.w.shape
     matrix = weight_matrix(layer, job.w.astype(np.float64))
+    dynamic = None
+    if _blocks_fixed_when_reached(job, config):
+        ratios = [r if np.ndim(r) == 0 else _as_matrix(layer, r, qt, shape) for r in (job.ratio_high, job.ratio_low)]
+        dynamic = DynamicBlocks(_row_blocks(job), *ratios)
     return _Problem(
         matrix=matrix,
         gram=np.broadcast_to(job.gram, (matrix.shape[0],) + job.gram.shape[1:]),
         scale=_as_matrix(layer, qt.scale, qt, shape),
         zero_point=None if qt.zero_point is None else _as_matrix(layer, qt.zero_point, qt, shape),
-        dynamic=None if config.optq_act_order else _dynamic_blocks(job),
+        dynamic=dynamic,
     )
 
 
@@ -98,13 +107,15 @@ def _stack(problems: list[_Problem]) -> _Problem:
     def cat(arrays):
         return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
+    def ratios(which):
+        values = [getattr(p.dynamic, which) for p in problems]
+        if all(np.ndim(v) == 0 and v == values[0] for v in values):
+            return values[0]  # one clip ratio for all (1.0 without range search): no copies
+        return cat([np.broadcast_to(v, p.matrix.shape) for v, p in zip(values, problems)])
+
     dynamic = None
     if first.dynamic is not None:
-        dynamic = DynamicBlocks(
-            first.dynamic.row_block,
-            cat([np.broadcast_to(p.dynamic.ratio_high, p.matrix.shape) for p in problems]),
-            cat([np.broadcast_to(p.dynamic.ratio_low, p.matrix.shape) for p in problems]),
-        )
+        dynamic = DynamicBlocks(first.dynamic.row_block, ratios("ratio_high"), ratios("ratio_low"))
     return _Problem(
         matrix=cat([p.matrix for p in problems]),
         gram=cat([p.gram for p in problems]),
@@ -135,44 +146,49 @@ def _outcome(job: OptqJob, result: OptqResult, groups: slice, config: QuantConfi
     return OptqOutcome(quantized, relative_error, "; ".join(notes))
 
 
-def _batches(keyed: list[tuple[tuple, int, _Problem]]):
-    """Job indices sharing a key, in runs whose Gram matrices fit in STACK_BYTES."""
-    by_key: dict[tuple, list[tuple[int, _Problem]]] = {}
-    for key, index, problem in keyed:
-        by_key.setdefault(key, []).append((index, problem))
+def _batches(jobs: list[OptqJob], config: QuantConfig):
+    """Indices of jobs sharing a key, in runs within the stacking limits."""
+    by_key: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        by_key.setdefault(_key(job, config), []).append(index)
     for members in by_key.values():
-        batch, size = [], 0
-        for index, problem in members:
-            if batch and size + problem.gram.nbytes > STACK_BYTES:
+        batch, gram_bytes, elements = [], 0, 0
+        for index in members:
+            job = jobs[index]
+            job_gram = 8 * job.layer.groups * job.gram.shape[-1] ** 2
+            if batch and (gram_bytes + job_gram > STACK_GRAM_BYTES or elements + job.w.size > STACK_ELEMENTS):
                 yield batch
-                batch, size = [], 0
-            batch.append((index, problem))
-            size += problem.gram.nbytes
+                batch, gram_bytes, elements = [], 0, 0
+            batch.append(index)
+            gram_bytes += job_gram
+            elements += job.w.size
         yield batch
 
 
 def optq_quantize_all(jobs: list[OptqJob], config: QuantConfig, *, device: str = "cpu", done=None) -> list[OptqOutcome]:
     """Each job's codes rounded by OPTQ, its output error and its report note, in job order.
     `done(n)` is called as n more layers are finished (a progress bar's update)."""
-    problems = [_problem(job, config) for job in jobs]
     outcomes: list[OptqOutcome | None] = [None] * len(jobs)
-    for batch in _batches([(p.key(job), i, p) for i, (job, p) in enumerate(zip(jobs, problems))]):
-        stacked = _stack([p for _, p in batch])
+    for batch in _batches(jobs, config):
+        problems = [_problem(jobs[index], config) for index in batch]
+        stacked, sizes = _stack(problems), [p.matrix.shape[0] for p in problems]
+        del problems  # the stacked copy is all the kernel needs
+        first = jobs[batch[0]]
         result = optq(
             stacked.matrix,
             stacked.gram,
             stacked.scale,
             stacked.zero_point,
-            jobs[batch[0][0]].grid,
+            first.grid,
             damp=config.optq_damp,
             act_order=config.optq_act_order,
             dynamic=stacked.dynamic,
-            scale_dtype=jobs[batch[0][0]].qt.scale.dtype,
+            scale_dtype=first.qt.scale.dtype,
             device=device,
         )
         start = 0
-        for index, problem in batch:
-            groups = slice(start, start + problem.matrix.shape[0])
+        for index, size in zip(batch, sizes):
+            groups = slice(start, start + size)
             outcomes[index] = _outcome(jobs[index], result, groups, config)
             start = groups.stop
         if done is not None:

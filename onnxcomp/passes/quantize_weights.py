@@ -190,12 +190,24 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if layer.node.op_type == "Gather" and self.config.gather_bits:
                 bits = self.config.gather_bits
             planned = self._plan(layer, bits, grams.get(layer.node))
-            window.append(planned)
-            held += planned.w.size if self._needs_optq(planned) else 0
-            if held >= OPTQ_WINDOW_ELEMENTS:
-                modified |= self._finish(graph, names, window, bar)
-                window, held = [], 0
-        modified |= self._finish(graph, names, window, bar)
+            self.report.layers.append(planned.record)  # filled in as the layer is replaced
+            if self._needs_optq(planned) and planned.gram is not None:
+                planned.w_hat = None  # OPTQ's codes replace round-to-nearest's
+                window.append(planned)
+                held += planned.w.size
+                if held >= OPTQ_WINDOW_ELEMENTS:
+                    self._round_together(graph, names, window, bar)
+                    window, held = [], 0
+                continue
+            if self._needs_optq(planned):
+                planned.note = "; ".join(filter(None, [planned.note, "optq: no input statistics, rounded to nearest"]))
+            if planned.qt is not None:
+                self._replace(graph, names, planned)
+                modified = True
+            bar.update(1)
+        if window:
+            self._round_together(graph, names, window, bar)
+            modified = True
         bar.close()
         if modified and self.calibration is not None:
             self.calibration.mark_stale()
@@ -207,7 +219,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _plan(self, layer: WeightLayer, bits: int, gram: Gram | None) -> _Planned:
         """The record, and round-to-nearest (or the range search's) codes under the chosen
-        scales; OPTQ, where asked for, rounds them again in `_finish`."""
+        scales; OPTQ, where asked for, rounds them again in `_round_together`."""
         w = layer.weight.const_value.numpy()
         record = LayerRecord(
             name=layer.name,
@@ -235,29 +247,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             planned.w_hat = dequantize(planned.qt)
         return planned
 
-    def _finish(self, graph: ir.Graph, names: NameAllocator, window: list[_Planned], bar) -> bool:
-        """Round the window's OPTQ layers together, then replace each weight, in layer order."""
-        rounding = [p for p in window if self._needs_optq(p) and p.gram is not None]
-        for planned in window:
-            if self._needs_optq(planned) and planned.gram is None:
-                planned.note = "; ".join(filter(None, [planned.note, "optq: no input statistics, rounded to nearest"]))
-        if rounding:
-            jobs = [OptqJob(p.layer, p.w, p.qt, p.grid, p.gram.matrix, **p.ratios) for p in rounding]
-            device = self.calibration.device if self.calibration is not None else "cpu"
-            outcomes = optq_quantize_all(jobs, self.config, device=device, done=bar.update)
-            for planned, outcome in zip(rounding, outcomes):
-                planned.qt, planned.output_error = outcome.qt, outcome.output_error
-                planned.w_hat = dequantize(outcome.qt)
-                planned.note = "; ".join(filter(None, [planned.note, outcome.note]))
-        modified = False
-        for planned in window:
-            if planned.qt is not None:
-                self._replace(graph, names, planned)
-                modified = True
-            if planned not in rounding:
-                bar.update(1)
-            self.report.layers.append(planned.record)
-        return modified
+    def _round_together(self, graph: ir.Graph, names: NameAllocator, window: list[_Planned], bar) -> None:
+        """OPTQ over the window's layers in as few kernel calls as their shapes allow, then
+        each weight replaced."""
+        jobs = [OptqJob(p.layer, p.w, p.qt, p.grid, p.gram.matrix, **p.ratios) for p in window]
+        device = self.calibration.device if self.calibration is not None else "cpu"
+        outcomes = optq_quantize_all(jobs, self.config, device=device, done=bar.update)
+        for planned, outcome in zip(window, outcomes):
+            planned.qt, planned.output_error = outcome.qt, outcome.output_error
+            planned.w_hat = dequantize(outcome.qt)
+            planned.note = "; ".join(filter(None, [planned.note, outcome.note]))
+            self._replace(graph, names, planned)
 
     def _replace(self, graph: ir.Graph, names: NameAllocator, planned: _Planned) -> None:
         layer, record, qt, w, w_hat, gram = planned.layer, planned.record, planned.qt, planned.w, planned.w_hat, planned.gram

@@ -12,6 +12,7 @@ from hypothesis.extra.numpy import arrays
 
 from onnxcomp import QuantConfig, compress
 from onnxcomp.calibration.analysis import Calibration, CalibrationWarning
+from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.magr import _prox_linf, magr, project_l1_ball
 from onnxcomp.layers import find_weight_layers
 from onnxcomp.modelio import load_model, save_model
@@ -168,3 +169,17 @@ def test_magr_beats_round_to_nearest_on_minilm(tmp_path, minilm, minilm_calib, m
             save_model(quantized, tmp_path / "q.onnx")
             cosines.append(mean_cosine(reference, outputs(tmp_path / "q.onnx", minilm_feeds, 0)["sentence_embedding"]))
         assert cosines[1] > cosines[0] + 0.02, (bits, cosines)
+
+
+def test_cuda_solver_agrees_with_cpu_or_is_refused_without_cuda():
+    """On a CUDA machine MagR runs there and lands where the CPU run lands; without CUDA in
+    torch, --device cuda is a clear error rather than a silent CPU run."""
+    _, gram, w = low_rank_problem(2)
+    cpu = magr(w, gram, 1e-3, iterations=100)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cuda needs a CUDA build of torch"):
+            magr(w, gram, 1e-3, iterations=100, device="cuda")
+        return
+    gpu = magr(w, gram, 1e-3, iterations=100, device="cuda")
+    np.testing.assert_allclose(gpu.matrix, cpu.matrix, atol=1e-4 * np.abs(w).max())
+    assert gpu.objective_end == pytest.approx(cpu.objective_end, rel=1e-3)

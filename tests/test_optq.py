@@ -190,3 +190,22 @@ def test_stacked_layers_round_as_they_would_alone():
         np.testing.assert_array_equal(stacked.codes[index], result.codes[0])
         np.testing.assert_allclose(stacked.error[index], result.error[0], rtol=1e-9)
     assert stacked.damp[1] > 0.01 and stacked.damp[0] == stacked.damp[2] == 0.01
+
+
+def test_cuda_kernel_agrees_with_cpu_or_is_refused_without_cuda():
+    """On a CUDA machine the kernel runs there and rounds (nearly) as on the CPU; without
+    CUDA in torch, --device cuda is a clear error rather than a silent CPU run."""
+    import torch
+
+    w, gram = problem(6, None)
+    grid, _, s, z = given_scales(w, 4, True, 16)
+    dynamic = DynamicBlocks(np.arange(w.shape[0]) // 16)
+    cpu = optq(w[None], gram, s, z, grid, dynamic=dynamic)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cuda needs a CUDA build of torch"):
+            optq(w[None], gram, s, z, grid, dynamic=dynamic, device="cuda")
+        return
+    gpu = optq(w[None], gram, s, z, grid, dynamic=dynamic, device="cuda")
+    assert np.mean(gpu.codes == cpu.codes) > 0.99  # float32 factorizations differ in the last bits
+    assert gpu.error.sum() == pytest.approx(cpu.error.sum(), rel=0.02)
+    assert np.all(gpu.error <= gpu.error_nearest * (1 + 1e-12))

@@ -22,20 +22,34 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def _torch():
+def load_torch():
     try:
         import torch
     except ImportError:
         from onnxcomp.errors import ConfigError
 
-        raise ConfigError("--magr needs torch; install it with pip install 'onnxcomp[torch]'") from None
+        raise ConfigError("--magr and --rounding optq need torch; install it with pip install 'onnxcomp[torch]'") from None
     return torch
+
+
+def torch_device(device: str):
+    """The torch device the solvers run on; --device cuda without CUDA in torch is an error,
+    not a silent fall back to the CPU."""
+    torch = load_torch()
+    if device == "cuda" and not torch.cuda.is_available():
+        from onnxcomp.errors import ConfigError
+
+        raise ConfigError(
+            "--device cuda needs a CUDA build of torch for MagR and OPTQ (this one has no CUDA device); "
+            "install one from pytorch.org or use --device cpu"
+        )
+    return torch.device(device)
 
 
 def _threshold(ordered, radius: float):
     """θ and the active count ρ from magnitudes sorted in descending order (last axis): the
     θ with Σ max(|v| − θ, 0) = radius, from cumulative sums."""
-    torch = _torch()
+    torch = load_torch()
     cumulative = ordered.cumsum(dim=-1)
     counts = torch.arange(1, ordered.shape[-1] + 1, device=ordered.device, dtype=ordered.dtype)
     active = ordered * counts > cumulative - radius  # true on a prefix of the sorted entries
@@ -47,7 +61,7 @@ def _shrink_threshold(magnitude, radius: float, candidates: int):
     """θ per row (see _threshold). Only the `candidates` largest magnitudes are sorted: when
     fewer than that many stay active, θ is already exact (the active entries are a prefix
     of the sorted order); rows that need more are redone with a full sort."""
-    torch = _torch()
+    torch = load_torch()
     k = min(candidates, magnitude.shape[-1])
     top, _ = torch.topk(magnitude, k, dim=-1, sorted=True)
     theta, rho = _threshold(top, radius)
@@ -63,7 +77,7 @@ def project_l1_ball(v, radius: float = 1.0, candidates: int = 16):
     """Euclidean projection of each row of `v` (a torch tensor, last axis) onto the ℓ1 ball
     of `radius`: shrink every magnitude by θ (Duchi et al., 2008). Rows already inside the
     ball are returned unchanged."""
-    torch = _torch()
+    torch = load_torch()
     magnitude = v.abs()
     inside = magnitude.sum(dim=-1, keepdim=True) <= radius
     theta = _shrink_threshold(magnitude, radius, candidates)
@@ -75,7 +89,7 @@ def _prox_linf(v, t: float, block: int | None, candidates: int = 16):
 
     By Moreau, v − t·P(v / t) with P the projection onto the unit ℓ1 ball; entry by entry
     that is v clipped to [−τ, τ], where Σ max(|v| − τ, 0) = t (τ = 0 when ‖v‖₁ ≤ t)."""
-    torch = _torch()
+    torch = load_torch()
     shape = v.shape
     rows = v.reshape(*shape[:-1], shape[-1] // block, block) if block else v
     tau = _shrink_threshold(rows.abs(), t, candidates).clamp(min=0)
@@ -119,9 +133,9 @@ def magr(
     relative. A group whose λmax(H) is not above `min_eigenvalue` (an input that is always
     zero) keeps its weights, and is flagged in `dead`.
     """
-    torch = _torch()
+    torch = load_torch()
     start_time = time.perf_counter()
-    dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+    dev = torch_device(device)
     largest = np.linalg.eigvalsh(gram)[:, -1]
     dead = ~(largest > min_eigenvalue)
     scale = np.where(dead, 0.0, 1.0 / np.where(dead, 1.0, largest))  # a dead group's weights do not move

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxcomp.kernels.magr import load_torch, torch_device
 from onnxcomp.kernels.quantize import Grid
 
 
@@ -49,12 +50,6 @@ class OptqResult:
         return int(self.kept_nearest.sum())
 
 
-def _torch():
-    from onnxcomp.kernels.magr import _torch as load
-
-    return load()
-
-
 def _inverse_cholesky(h, damp: float, dtype):
     """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹ per group, and λ per group: `damp`,
     raised tenfold (up to 3 times) for the groups whose H is too close to singular.
@@ -62,7 +57,7 @@ def _inverse_cholesky(h, damp: float, dtype):
     With J the reversal of rows and columns, JHJ = LLᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ(J L⁻¹ J), and
     J L⁻¹ J is upper triangular: one factorization and one triangular inverse, instead of
     factoring H, inverting, and factoring the inverse again. Computed in `dtype`."""
-    torch = _torch()
+    torch = load_torch()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     mean = diag.mean(dim=-1)
     mean = torch.where(mean > 0, mean, torch.ones_like(mean))  # H = 0: no rounding costs anything
@@ -85,7 +80,7 @@ def _inverse_cholesky(h, damp: float, dtype):
 
 
 def _torch_dtype(dtype):
-    torch = _torch()
+    torch = load_torch()
     name = np.dtype(dtype).name
     return torch.bfloat16 if name == "bfloat16" else getattr(torch, name)
 
@@ -93,7 +88,7 @@ def _torch_dtype(dtype):
 def _block_params(values, grid: Grid, ratio_high, ratio_low, dtype):
     """Scale and zero point of one block per output, from its current weights (rows axis 1),
     rounded to the stored scale dtype as quantize() does (from float64, as quantize() computes)."""
-    torch = _torch()
+    torch = load_torch()
     sweep_dtype, values = values.dtype, values.double()
     ratio_high, ratio_low = ratio_high.double(), ratio_low.double()
     if grid.asymmetric:
@@ -111,7 +106,7 @@ def _block_params(values, grid: Grid, ratio_high, ratio_low, dtype):
 
 def _round(w, scale, zero, grid: Grid):
     """Codes and their decoded values, as QuantizeLinear/DequantizeLinear compute them."""
-    torch = _torch()
+    torch = load_torch()
     offset = 0.0 if zero is None else zero
     q = torch.clamp(torch.round(w / scale) + offset, grid.qmin, grid.qmax)
     return q, (q - offset) * scale
@@ -148,7 +143,7 @@ def _block_starts(dynamic: DynamicBlocks | None) -> dict[int, np.ndarray]:
 def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch_rows: int, scale_dtype):
     """The OPTQ sweep over the rows of m (updated in place, as are s and z for dynamic
     blocks); the codes."""
-    torch = _torch()
+    torch = load_torch()
     starts = _block_starts(dynamic)
     if starts:
         first_rows = sorted(starts)  # a block's ratios, read on its first row
@@ -206,8 +201,8 @@ def optq(
     order). Each output channel keeps whichever of OPTQ and round-to-nearest (under the given
     scales) has the smaller δᵀHδ: OPTQ is never worse, even where dampening hurts.
     """
-    torch = _torch()
-    dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+    torch = load_torch()
+    dev = torch_device(device)
     f64, f32 = torch.float64, torch.float32
 
     def tensor(array):  # shares the array's memory where it can

@@ -62,36 +62,33 @@ def _as_matrix(layer: WeightLayer, param, qt: Quantized, shape) -> np.ndarray:
     return np.ascontiguousarray(weight_matrix(layer, np.ascontiguousarray(full)))
 
 
-def _row_blocks(job: OptqJob) -> np.ndarray:
-    """The block of each matrix row."""
-    layer, qt = job.layer, job.qt
-    ids = np.arange(qt.scale.size, dtype=np.float64).reshape(qt.scale.shape)
-    return _as_matrix(layer, ids, qt, job.w.shape)[0, :, 0].astype(np.int64)
-
-
-def _blocks_fixed_when_reached(job: OptqJob, config: QuantConfig) -> bool:
-    """Blockwise scales are re-chosen as each block is reached, where blocks are sets of rows
-    within one group (for ConvTranspose, blocks of input channels could cross groups)."""
+def _row_blocks(job: OptqJob, config: QuantConfig) -> np.ndarray | None:
+    """The block of each matrix row, where blockwise scales are re-chosen as each block is
+    reached: blocks must be sets of rows within one group (for ConvTranspose, blocks of
+    input channels could cross groups). None where the scales stay as given."""
     layer, qt, shape = job.layer, job.qt, job.w.shape
     if config.optq_act_order or qt.block_size is None:
-        return False
-    return not (layer.node.op_type == "ConvTranspose" and (shape[0] // layer.groups) % qt.block_size)
+        return None
+    if layer.node.op_type == "ConvTranspose" and (shape[0] // layer.groups) % qt.block_size:
+        return None
+    ids = np.arange(qt.scale.size, dtype=np.float64).reshape(qt.scale.shape)
+    return _as_matrix(layer, ids, qt, shape)[0, :, 0].astype(np.int64)
 
 
-def _key(job: OptqJob, config: QuantConfig) -> tuple:
+def _key(job: OptqJob, row_blocks: np.ndarray | None) -> tuple:
     """Jobs with equal keys can share one kernel call."""
-    blocks = _row_blocks(job).tobytes() if _blocks_fixed_when_reached(job, config) else None
     shape = weight_matrix(job.layer, job.w).shape[1:]
+    blocks = None if row_blocks is None else row_blocks.tobytes()
     return (shape, job.grid, job.qt.scale.dtype.str, job.qt.zero_point is None, blocks)
 
 
-def _problem(job: OptqJob, config: QuantConfig) -> _Problem:
+def _problem(job: OptqJob, row_blocks: np.ndarray | None) -> _Problem:
     layer, qt, shape = job.layer, job.qt, job.w.shape
     matrix = weight_matrix(layer, job.w.astype(np.float64))
     dynamic = None
-    if _blocks_fixed_when_reached(job, config):
+    if row_blocks is not None:
         ratios = [r if np.ndim(r) == 0 else _as_matrix(layer, r, qt, shape) for r in (job.ratio_high, job.ratio_low)]
-        dynamic = DynamicBlocks(_row_blocks(job), *ratios)
+        dynamic = DynamicBlocks(row_blocks, *ratios)
     return _Problem(
         matrix=matrix,
         gram=np.broadcast_to(job.gram, (matrix.shape[0],) + job.gram.shape[1:]),
@@ -146,11 +143,11 @@ def _outcome(job: OptqJob, result: OptqResult, groups: slice, config: QuantConfi
     return OptqOutcome(quantized, relative_error, "; ".join(notes))
 
 
-def _batches(jobs: list[OptqJob], config: QuantConfig):
+def _batches(jobs: list[OptqJob], row_blocks: list[np.ndarray | None]):
     """Indices of jobs sharing a key, in runs within the stacking limits."""
     by_key: dict[tuple, list[int]] = {}
-    for index, job in enumerate(jobs):
-        by_key.setdefault(_key(job, config), []).append(index)
+    for index, (job, blocks) in enumerate(zip(jobs, row_blocks)):
+        by_key.setdefault(_key(job, blocks), []).append(index)
     for members in by_key.values():
         batch, gram_bytes, elements = [], 0, 0
         for index in members:
@@ -169,8 +166,9 @@ def optq_quantize_all(jobs: list[OptqJob], config: QuantConfig, *, device: str =
     """Each job's codes rounded by OPTQ, its output error and its report note, in job order.
     `done(n)` is called as n more layers are finished (a progress bar's update)."""
     outcomes: list[OptqOutcome | None] = [None] * len(jobs)
-    for batch in _batches(jobs, config):
-        problems = [_problem(jobs[index], config) for index in batch]
+    row_blocks = [_row_blocks(job, config) for job in jobs]
+    for batch in _batches(jobs, row_blocks):
+        problems = [_problem(jobs[index], row_blocks[index]) for index in batch]
         stacked, sizes = _stack(problems), [p.matrix.shape[0] for p in problems]
         del problems  # the stacked copy is all the kernel needs
         first = jobs[batch[0]]

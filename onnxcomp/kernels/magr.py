@@ -21,29 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def load_torch():
-    try:
-        import torch
-    except ImportError:
-        from onnxcomp.errors import ConfigError
-
-        raise ConfigError("--magr and --rounding optq need torch; install it with pip install 'onnxcomp[torch]'") from None
-    return torch
-
-
-def torch_device(device: str):
-    """The torch device the solvers run on; --device cuda without CUDA in torch is an error,
-    not a silent fall back to the CPU."""
-    torch = load_torch()
-    if device == "cuda" and not torch.cuda.is_available():
-        from onnxcomp.errors import ConfigError
-
-        raise ConfigError(
-            "--device cuda needs a CUDA build of torch for MagR and OPTQ (this one has no CUDA device); "
-            "install one from pytorch.org or use --device cpu"
-        )
-    return torch.device(device)
+from onnxcomp.kernels.torch_backend import load_torch, torch_device
 
 
 def _threshold(ordered, radius: float):

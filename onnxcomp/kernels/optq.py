@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxcomp.kernels.magr import load_torch, torch_device
+from onnxcomp.kernels.torch_backend import load_torch, torch_device
 from onnxcomp.kernels.quantize import Grid
 
 

@@ -151,6 +151,11 @@ class _Planned:
     output_error: float | None = None
 
 
+def _joined(*notes: str) -> str:
+    """Report notes, the empty ones left out."""
+    return "; ".join(filter(None, notes))
+
+
 # Weight elements of the layers held back for OPTQ before they are rounded together.
 OPTQ_WINDOW_ELEMENTS = 1 << 25
 
@@ -200,7 +205,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     window, held = [], 0
                 continue
             if self._needs_optq(planned):
-                planned.note = "; ".join(filter(None, [planned.note, "optq: no input statistics, rounded to nearest"]))
+                planned.note = _joined(planned.note, "optq: no input statistics, rounded to nearest")
             if planned.qt is not None:
                 self._replace(graph, names, planned)
                 modified = True
@@ -256,7 +261,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         for planned, outcome in zip(window, outcomes):
             planned.qt, planned.output_error = outcome.qt, outcome.output_error
             planned.w_hat = dequantize(outcome.qt)
-            planned.note = "; ".join(filter(None, [planned.note, outcome.note]))
+            planned.note = _joined(planned.note, outcome.note)
             self._replace(graph, names, planned)
 
     def _replace(self, graph: ir.Graph, names: NameAllocator, planned: _Planned) -> None:
@@ -280,4 +285,4 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             record.output_error = planned.output_error
             if self.config.bias_correction:
                 corrected = correct_bias(graph, names, layer, gram.mean, w, w_hat) is not None
-                record.note = "; ".join(filter(None, [record.note, "bias corrected" if corrected else "no bias to correct"]))
+                record.note = _joined(record.note, "bias corrected" if corrected else "no bias to correct")

@@ -27,13 +27,17 @@ def w8a8(source, target, calib, **options):
     return report, calibration
 
 
-def fused_ops(path, tmp_path) -> Counter:
-    """Op types of the graph onnxruntime's CPU provider actually runs."""
+def optimized_graph(path, tmp_path) -> onnx.GraphProto:
+    """The graph onnxruntime's CPU provider actually runs."""
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.log_severity_level = 3
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    return onnx.load(options.optimized_model_filepath).graph
+
+
+def fused_ops(path, tmp_path) -> Counter:
+    return Counter(node.op_type for node in optimized_graph(path, tmp_path).node)
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
@@ -46,6 +50,30 @@ def test_w8a8_digits_keeps_accuracy(tmp_path, method):
     quantized_inputs = [r for r in report.layers if r.act_range is not None]
     assert len(quantized_inputs) >= 4 and all(low <= 0 <= high for low, high in (r.act_range for r in quantized_inputs))
     assert "models/digits_calib.npz" in report.totals["calibration"]
+
+
+def test_w8a8_digits_flattens_channels_last_without_a_transpose(tmp_path):
+    target = tmp_path / "digits.w8a8.onnx"
+    report, _ = w8a8(DIGITS, target, MODELS / "digits_calib.npz")
+    assert any("flattened channels-last" in n.message for n in report.notes)
+    graph = optimized_graph(target, tmp_path)
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    transposed = [producers.get(node.input[0]) for node in graph.node if node.op_type == "Transpose"]
+    assert "QLinearConv" in producers.values() and "QLinearConv" not in transposed
+    feeds = dict(np.load(MODELS / "digits_eval.npz"))
+    # the Gemm's weights were reordered to match: the logits still follow FP32's
+    assert mean_cosine(outputs(DIGITS, feeds)["logits"], outputs(target, feeds)["logits"]) >= 0.999
+
+
+def test_two_bit_layers_keep_float_inputs_and_the_model_loads(tmp_path):
+    mixed, weights_only = tmp_path / "w2a8.onnx", tmp_path / "w2.onnx"
+    calibration = Calibration(MODELS / "digits_calib.npz")
+    model, report = compress(load_model(DIGITS), QuantConfig(bits=2, keep_first_last_bits=8, act_bits=8), calibration=calibration)
+    save_model(model, mixed)
+    save_model(compress(load_model(DIGITS), QuantConfig(bits=2, keep_first_last_bits=8), calibration=calibration)[0], weights_only)
+    two_bit = [n for n in report.notes if "2-bit weights" in n.message]
+    assert len(two_bit) == 3  # /6, /10 and /14; /17 is the last layer, at 8 bits
+    assert accuracy(mixed) >= accuracy(weights_only) - 0.01  # onnxruntime loads and runs it
 
 
 def test_w8a8_minilm_fidelity_and_integer_kernels(tmp_path, minilm, minilm_calib, minilm_feeds):

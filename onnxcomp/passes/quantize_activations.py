@@ -4,6 +4,8 @@ into integer kernels (MatMulIntegerToFloat, QLinearConv, QGemm)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx_ir as ir
 
@@ -11,6 +13,7 @@ from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.config import QuantConfig
 from onnxcomp.kernels.act_range import activation_range, quantization_params
 from onnxcomp.layers import WeightLayer, dequantized_constant, find_weight_layers, reduction_depth
+from onnxcomp.passes.channels_last import flatten_channels_last
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 from onnxcomp.report import Report
 
@@ -28,23 +31,37 @@ def _rectified_output(node: ir.Node) -> ir.Value:
     return out
 
 
-def activation_targets(graph: ir.Graph, min_depth: int) -> tuple[dict[ir.Value, list[WeightLayer]], list[ir.Value]]:
-    """(input value → the quantized layers reading it, Conv outputs to quantize too).
+class Targets(NamedTuple):
+    inputs: dict[ir.Value, list[WeightLayer]]  # input value → the quantized layers reading it
+    convs: dict[ir.Value, WeightLayer]  # (rectified) Conv output → its Conv
+    two_bit: list[WeightLayer]  # layers whose inputs stay float
+
+
+def _codes_type(layer: WeightLayer) -> ir.DataType:
+    return layer.weight.producer().inputs[0].dtype
+
+
+def activation_targets(graph: ir.Graph, min_depth: int) -> Targets:
+    """The layers whose inputs get QDQ, by the value they read, and their Conv outputs.
 
     Layers summing fewer than `min_depth` products are left out (quantize-weights keeps
-    them in float too when activations are quantized).
+    them in float too when activations are quantized), and so are layers with 2-bit weights:
+    onnxruntime has no integer kernel for them, and its QDQ fusion would emit a QLinearConv
+    with int2 weights that fails to load.
     """
-    inputs: dict[ir.Value, list[WeightLayer]] = {}
-    outputs: list[ir.Value] = []
+    targets = Targets({}, {}, [])
     for layer in find_weight_layers(graph, include_quantized=True):
         if layer.data is None or layer.node.graph is not graph or not dequantized_constant(layer.weight):
             continue
         if reduction_depth(layer) < min_depth:
             continue
-        inputs.setdefault(layer.data, []).append(layer)
+        if _codes_type(layer) in (ir.DataType.INT2, ir.DataType.UINT2):
+            targets.two_bit.append(layer)
+            continue
+        targets.inputs.setdefault(layer.data, []).append(layer)
         if layer.node.op_type == "Conv":
-            outputs.append(_rectified_output(layer.node))
-    return inputs, [v for v in dict.fromkeys(outputs) if v not in inputs and not v.is_graph_output()]
+            targets.convs.setdefault(_rectified_output(layer.node), layer)
+    return targets
 
 
 def _add_zero_point(graph: ir.Graph, names: NameAllocator, dequantize: ir.Node) -> None:
@@ -70,13 +87,23 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        inputs, outputs = activation_targets(graph, self.config.act_min_depth)
-        targets = [*inputs, *outputs]
+        inputs, convs, two_bit = activation_targets(graph, self.config.act_min_depth)
+        for layer in two_bit:
+            self.report.note("quantize-activations", layer.name, "2-bit weights: input left in float (onnxruntime has no int2 integer kernel)")
+        # integer Conv outputs are quantized too, so onnxruntime fuses the Conv and its ReLU
+        targets = [*inputs, *(v for v in convs if v not in inputs and not v.is_graph_output())]
         if not targets:
             return ir.passes.PassResult(model, modified=False)
         stats = self.calibration.statistics(model, "--act-bits", values=targets).activations
         records = {r.name: r for r in self.report.layers}
         names = NameAllocator(graph)
+        for value, conv in convs.items():
+            if _codes_type(conv) not in (ir.DataType.INT8, ir.DataType.UINT8):
+                continue  # onnxruntime runs it in float, NCHW: a Transpose would stay
+            shape = conv.weight.shape
+            permuted = flatten_channels_last(graph, names, value, shape[0], len(shape))
+            if permuted:
+                self.report.note("quantize-activations", value.name, f"flattened channels-last ({', '.join(permuted)}: weights reordered along their inputs), so onnxruntime's NHWC integer Conv needs no Transpose back")
         for value in targets:
             if value not in stats or stats[value].count == 0:
                 self.report.note("quantize-activations", value.name, "no calibration statistics; left in float")

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.kernels.quantize import Quantized, dequantize
-from onnxcomp.layers import find_weight_layers
+from onnxcomp.layers import dequantize_layout, find_weight_layers
 from onnxcomp.report import format_table
 
 
@@ -45,10 +45,7 @@ def _dequantized(node: ir.Node) -> np.ndarray | None:
         return None
     q, scale = values[0].astype(np.int32), values[1]
     zp = values[2].astype(np.int32) if len(values) > 2 and values[2] is not None else None
-    axis_attr, block_attr = node.attributes.get("axis"), node.attributes.get("block_size")
-    block = block_attr.as_int() if block_attr is not None and block_attr.as_int() > 0 else None
-    axis = None if scale.ndim == 0 or scale.size == 1 else (axis_attr.as_int() if axis_attr is not None else 1) % q.ndim
-    return dequantize(Quantized(q, scale, zp, axis, block))
+    return dequantize(Quantized(q, scale, zp, *dequantize_layout(node)))
 
 
 def model_stats(model: ir.Model) -> list[WeightStats]:

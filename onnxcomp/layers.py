@@ -64,6 +64,15 @@ def dequantized_constant(value: ir.Value | None) -> bool:
     )
 
 
+def dequantize_layout(node: ir.Node) -> tuple[int | None, int | None]:
+    """A DequantizeLinear's (axis, block size) as the quantize kernels take them: axis None
+    for a single scale (otherwise made non-negative), block size None when not blockwise."""
+    codes, scale = node.inputs[0].const_value, node.inputs[1].const_value
+    block = attr_int(node, "block_size", 0)
+    axis = None if scale.size == 1 else attr_int(node, "axis", 1) % len(codes.shape)
+    return axis, (block if block > 0 else None)
+
+
 def weight_layer(node: ir.Node, include_quantized: bool = False) -> WeightLayer | None:
     """The layer view of one node, or None when it has no quantizable constant weight.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.layers import WeightLayer, attr_int, constant_weight, dequantized_constant, weight_layer
+from onnxcomp.layers import WeightLayer, attr_int, constant_weight, dequantize_layout, dequantized_constant, weight_layer
 from onnxcomp.passes.graph_edit import NameAllocator
 
 
@@ -28,9 +28,9 @@ def _stored_weight(layer: WeightLayer) -> ir.Value | None:
     if not dequantized_constant(weight):
         return None
     dequantize = weight.producer()
-    codes, scale = dequantize.inputs[0], dequantize.inputs[1]
-    per_channel = scale.const_value.size == 1 or attr_int(dequantize, "axis", 1) == layer.channel_axis
-    if attr_int(dequantize, "block_size", 0) or not per_channel or len(list(codes.uses())) != 1:
+    codes = dequantize.inputs[0]
+    axis, block_size = dequantize_layout(dequantize)
+    if block_size is not None or axis not in (None, layer.channel_axis) or len(list(codes.uses())) != 1:
         return None
     return codes
 

@@ -113,8 +113,11 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
               help="Search each scale's clipping ratio α in [--range-min, 1] by golden section (REQuant) instead of using the full range.")
 @click.option("--range-scope", type=click.Choice(["channel", "layer"]), default="channel",
               help="One α per scale group (channel or block), or one per layer as in the REQuant paper.")
-@click.option("--range-objective", type=click.Choice(["mse", "output"]), default="mse",
-              help="What α minimizes: the weights' squared error, or the layer-output error on the calibration data (needs --calib).")
+@click.option("--range-objective", type=click.Choice(["mse", "output", "sequential"]), default="mse",
+              help="What α minimizes: mse, the weights' squared error; output, the layer-output error on the calibration "
+                   "data; sequential, layer by layer in graph order, the error of each layer's output, given the inputs "
+                   "the layers already quantized produce, against the unquantized model's (runs the model once per "
+                   "distinct layer input). output and sequential need --calib.")
 @click.option("--range-min", type=float, default=0.2, help="Smallest clipping ratio the search considers.")
 @click.option("--sqrt", is_flag=True, default=False,
               help="Quantize sign(w)·sqrt|w| (finer steps for small weights) and decode y·|y| with Abs and Mul; implies a range search.")

@@ -11,6 +11,7 @@ from onnxcomp.errors import ConfigError
 SUPPORTED_BITS = (2, 3, 4, 8)
 ACTIVATION_BITS = (8,)
 ACTIVATION_METHODS = ("minmax", "percentile", "mse")
+RANGE_OBJECTIVES = ("mse", "output", "sequential")
 
 
 class Granularity(str, enum.Enum):
@@ -39,7 +40,9 @@ class QuantConfig:
     act_min_depth: int = 16  # layers summing fewer products keep float activations
     range_search: bool = False
     range_scope: str = "channel"  # "channel" (per scale group) or "layer" (one ratio per layer, as REQuant)
-    range_objective: str = "mse"  # "mse" (weights) or "output" (tr ΔWᵀHΔW on calibration data)
+    # "mse" (weights), "output" (tr ΔWᵀHΔW on calibration data) or "sequential" (layers in
+    # order, each against the unquantized model's output on the inputs it really receives)
+    range_objective: str = "mse"
     range_min: float = 0.2
     sqrt: bool = False  # quantize sign(w)·√|w| and decode y·|y| (implies a range search)
     bias_correction: bool = False  # subtract E[x]·ΔW from each layer's bias (needs calibration data)
@@ -83,8 +86,8 @@ class QuantConfig:
             raise ConfigError(f"--percentile {self.percentile} must be in (50, 100], for example 99.99")
         if self.range_scope not in ("channel", "layer"):
             raise ConfigError(f"--range-scope {self.range_scope} is not supported; choose channel or layer")
-        if self.range_objective not in ("mse", "output"):
-            raise ConfigError(f"--range-objective {self.range_objective} is not supported; choose mse or output")
+        if self.range_objective not in RANGE_OBJECTIVES:
+            raise ConfigError(f"--range-objective {self.range_objective} is not supported; choose {', '.join(RANGE_OBJECTIVES)}")
         if not 0.0 < self.range_min < 1.0:
             raise ConfigError(f"--range-min {self.range_min} must be in (0, 1), for example 0.2")
         if self.magr_alpha is not None and not self.magr_alpha > 0:

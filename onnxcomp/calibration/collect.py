@@ -6,13 +6,14 @@ from __future__ import annotations
 import itertools
 import math
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from tqdm import tqdm
 
 from onnxcomp.calibration.sources import CalibrationSet, Feeds
@@ -41,32 +42,42 @@ def _gram_shape(layer: WeightLayer) -> tuple[int, int]:
     return layer.groups, reduction_depth(layer)
 
 
-def _same_rows(a: WeightLayer, b: WeightLayer) -> bool:
+def same_rows(a: WeightLayer, b: WeightLayer) -> bool:
     """Layers reading one input as plain rows (attention's Q, K and V) share one Gram."""
     plain = ("MatMul", "Gemm")
     transposed = any(attr_int(x.node, "transA", 0) for x in (a, b))
     return a.node.op_type in plain and b.node.op_type in plain and not transposed and _gram_shape(a) == _gram_shape(b)
 
 
-def _fetchable(value: ir.Value | None, graph: ir.Graph) -> bool:
+def fetchable(value: ir.Value | None, graph: ir.Graph) -> bool:
     """A value of the main graph that is not known to be non-float (exporters often leave
     intermediate types unset)."""
     floats = (None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
     return value is not None and value.graph is graph and value.dtype in floats
 
 
-class _Session:
+class FetchSession:
     """onnxruntime on the model with extra values exposed as outputs.
 
     The model is saved, with its weights as external data, to a temporary folder, and its
     graph outputs restored at once: the caller's model is not copied in memory or changed.
+    With `prefix`, the session holds only the nodes the values need (onnxruntime itself runs
+    every node whatever is fetched), cut from a clone that shares the model's weights, and
+    decodes dequantized weights once, at load, instead of fusing them into integer kernels.
     """
 
-    def __init__(self, model: ir.Model, values: list[ir.Value], device: str):
+    def __init__(self, model: ir.Model, values: list[ir.Value], device: str, prefix: bool = False):
+        self.names = [v.name for v in values]
+        self.inputs = {v.name for v in values if v.is_graph_input()}
+        fetched = [v for v in values if not v.is_graph_input()]
+        self.session = None
+        if prefix:
+            if not fetched:
+                return  # graph inputs only: nothing to run
+            model, fetched = _prefix_model(model, [v.name for v in fetched]), []
         graph = model.graph
         outputs = list(graph.outputs)
-        self.names = [v.name for v in values]
-        extra = [v for v in values if v not in outputs and not v.is_graph_input()]
+        extra = [v for v in fetched if v not in outputs]
         with tempfile.TemporaryDirectory(prefix="onnxcomp-calib-") as tmp:
             path = Path(tmp) / "model.onnx"
             graph.outputs.extend(extra)
@@ -77,14 +88,30 @@ class _Session:
                 graph.outputs.extend(outputs)
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            if prefix:  # quantized weights decoded once, at load: exact float arithmetic, float speed
+                options.add_session_config_entry("session.disable_quant_qdq", "1")
+                # Sessions that take turns: idle threads spinning would slow the other one.
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
-        self.inputs = {v.name for v in values if v.is_graph_input()}
-        self.fetch = [n for n in self.names if n not in self.inputs]
 
-    def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
-        results = dict(zip(self.fetch, self.session.run(self.fetch, feeds))) if self.fetch else {}
-        results.update({name: feeds[name] for name in self.inputs})
+    def run(self, feeds: Feeds, names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The exposed values (or those of them in `names`) on one batch."""
+        names = self.names if names is None else names
+        fetch = [n for n in names if n not in self.inputs]
+        results = dict(zip(fetch, self.session.run(fetch, feeds))) if fetch else {}
+        results.update({name: feeds[name] for name in names if name in self.inputs})
         return results
+
+
+def _prefix_model(model: ir.Model, names: list[str]) -> ir.Model:
+    """A clone of `model` (weights shared) whose outputs are the values `names`, without the
+    nodes they do not depend on."""
+    clone = model.clone()
+    produced = {v.name: v for node in clone.graph for v in node.outputs}
+    clone.graph.outputs.clear()
+    clone.graph.outputs.extend(produced[name] for name in names)
+    RemoveUnusedNodesPass()(clone)
+    return clone
 
 
 def _groups_within(sizes: dict[ir.Value, int], budget: int) -> list[list[ir.Value]]:
@@ -100,13 +127,15 @@ def _groups_within(sizes: dict[ir.Value, int], budget: int) -> list[list[ir.Valu
     return groups
 
 
-def _accumulate_rows(layer: WeightLayer, x: np.ndarray, gram: Gram) -> None:
+def row_chunks(layer: WeightLayer, x: np.ndarray) -> Iterator[np.ndarray]:
+    """The layer's input rows (`input_rows`) for a batch, a few samples at a time, so that a
+    convolution's expanded rows stay within _ROWS_CHUNK_ELEMENTS."""
     per_sample = max(1, x[:1].size * math.prod(layer.weight.shape[2:] or (1,)))
     step = max(1, _ROWS_CHUNK_ELEMENTS // per_sample)
     if layer.node.op_type in ("MatMul", "Gemm"):
         step = x.shape[0]  # already rows: no expansion
     for start in range(0, x.shape[0], step):
-        gram.add(input_rows(layer, x[start : start + step]))
+        yield input_rows(layer, x[start : start + step])
 
 
 def collect(
@@ -131,15 +160,15 @@ def collect(
         if layer.data is None:
             stats.skipped[layer.node] = "an embedding lookup multiplies no input"
             continue
-        if not _fetchable(layer.data, graph):
+        if not fetchable(layer.data, graph):
             stats.skipped[layer.node] = "its input is inside a subgraph or not a float tensor"
             continue
         siblings = by_value.setdefault(layer.data, [])
-        shared = next((stats.layers[s.node].gram for s in siblings if _same_rows(s, layer)), None)
+        shared = next((stats.layers[s.node].gram for s in siblings if same_rows(s, layer)), None)
         stats.layers[layer.node] = LayerStatistics(shared or Gram.empty(*_gram_shape(layer)))
         siblings.append(layer)
     for value in values:
-        if _fetchable(value, graph):
+        if fetchable(value, graph):
             stats.activations[value] = ActivationStatistics()
     wanted = list(dict.fromkeys([*by_value, *stats.activations]))
     if not wanted:
@@ -149,7 +178,7 @@ def collect(
     first = next(batches, None)
     if first is None:
         raise CalibrationError(f"calibration set {calibration.label} is empty; give it at least one sample")
-    probe = _Session(model, wanted, device)
+    probe = FetchSession(model, wanted, device)
     one = probe.run({name: array[:1] for name, array in first.items()})
     sizes = {v: one[v.name].nbytes * _count(first) for v in wanted}
     groups = _groups_within(sizes, memory_budget)
@@ -159,7 +188,7 @@ def collect(
     total = calibration.samples * len(groups) if calibration.samples else None
     with tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False, mininterval=0, miniters=1) as bar:
         for index, group in enumerate(groups):
-            session = probe if len(groups) == 1 else _Session(model, group, device)
+            session = probe if len(groups) == 1 else FetchSession(model, group, device)
             stream = itertools.chain([first], batches) if index == 0 else calibration.batches()
             for number, feeds in enumerate(stream):
                 results = session.run(feeds)
@@ -188,7 +217,8 @@ def _update(stats: Statistics, value: ir.Value, x: np.ndarray, layers, batch_num
             continue
         if id(record.gram) not in done:
             try:
-                _accumulate_rows(layer, x, record.gram)
+                for rows in row_chunks(layer, x):
+                    record.gram.add(rows)
             except UnsupportedLayer as err:
                 stats.skipped[layer.node] = f"no statistics: {err} is not supported"
                 del stats.layers[layer.node]

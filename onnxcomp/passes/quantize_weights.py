@@ -12,6 +12,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from onnxcomp.calibration.analysis import Calibration
+from onnxcomp.calibration.sequential import PairedGram, SequentialStatistics
 from onnxcomp.calibration.statistics import Gram
 from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError
@@ -21,7 +22,7 @@ from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth
 from onnxcomp.passes.bias_correction import correct_bias
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 from onnxcomp.passes.optq import OptqJob, optq_quantize_all
-from onnxcomp.passes.range_search import choose_range
+from onnxcomp.passes.range_search import InputStatistics, choose_range
 from onnxcomp.report import LayerRecord, Report
 
 # ONNX element type and numpy storage dtype of the codes, by (bits, signed).
@@ -123,7 +124,7 @@ def emit_sqrt_decode(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, 
     out.name = names.fresh(base + "_decoded")
     for value in (magnitude.outputs[0], out):
         value.type, value.shape = layer.weight.type, layer.weight.shape
-    graph.extend([magnitude, decode])  # placed by the topological sort that follows
+    graph.insert_after(y.producer(), [magnitude, decode])  # still in order: the graph is run mid-pass
     return out
 
 
@@ -176,12 +177,18 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         check_block_size(layers, self.config)
         grams = {}
         real_data = self.calibration is not None and self.calibration.user_data
-        if self.config.range_objective == "output" and not real_data:
-            raise ConfigError("--range-objective output needs calibration data: pass --calib with real inputs (or use mse)")
+        objective = self.config.range_objective
+        if objective != "mse" and not real_data:
+            raise ConfigError(f"--range-objective {objective} needs calibration data: pass --calib with real inputs (or use mse)")
         if self.config.bias_correction and not real_data:
             raise ConfigError("--bias-correction needs calibration data: pass --calib with real inputs")
         optq = self.config.rounding == "optq"
-        if self.calibration is not None and (real_data or optq):
+        sequential = objective == "sequential" and (self.config.range_search or self.config.sqrt)
+        if sequential:  # measured layer by layer, as the layers before are quantized
+            calibration = self.calibration
+            dataset = calibration.dataset(model, "--range-objective sequential")
+            measure = SequentialStatistics(model, dataset, layers, calibration.device, calibration.progress)
+        elif self.calibration is not None and (real_data or optq):
             purpose = "--rounding optq" if optq else "the output error of each layer"
             stats = self.calibration.statistics(model, purpose, layers=[l for l in layers if l.data is not None])
             grams = {node: record.gram for node, record in stats.layers.items()}
@@ -194,7 +201,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             bits = self.config.keep_first_last_bits if id(layer) in edge else self.config.bits
             if layer.node.op_type == "Gather" and self.config.gather_bits:
                 bits = self.config.gather_bits
-            planned = self._plan(layer, bits, grams.get(layer.node))
+            paired = None
+            if sequential and not skip_reason(layer, self.config):
+                if window:  # the layers before this one must be quantized in the graph first
+                    self._round_together(graph, names, window, bar)
+                    window, held = [], 0
+                paired = measure(model, layer)
+            planned = self._plan(layer, bits, paired.current if paired else grams.get(layer.node), paired)
             self.report.layers.append(planned.record)  # filled in as the layer is replaced
             if self._needs_optq(planned) and planned.gram is not None:
                 planned.w_hat = None  # OPTQ's codes replace round-to-nearest's
@@ -222,9 +235,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         # An embedding table has no inputs to balance.
         return self.config.rounding == "optq" and planned.qt is not None and planned.layer.data is not None
 
-    def _plan(self, layer: WeightLayer, bits: int, gram: Gram | None) -> _Planned:
+    def _plan(self, layer: WeightLayer, bits: int, gram: Gram | None, paired: PairedGram | None = None) -> _Planned:
         """The record, and round-to-nearest (or the range search's) codes under the chosen
-        scales; OPTQ, where asked for, rounds them again in `_round_together`."""
+        scales; OPTQ, where asked for, rounds them again in `_round_together`. `gram`: the
+        statistics of the inputs the layer receives; `paired` adds those of the reference."""
         w = layer.weight.const_value.numpy()
         record = LayerRecord(
             name=layer.name,
@@ -243,7 +257,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         axis, block_size, record.granularity, planned.note = layout(layer, self.config)
         planned.grid = grid_for(bits, self.config.asymmetric)
         if self.config.range_search or self.config.sqrt:
-            choice = choose_range(layer, w, planned.grid, axis, block_size, self.config, None if gram is None else gram.matrix)
+            inputs = None if gram is None else InputStatistics(gram.matrix)
+            if paired is not None:
+                inputs = InputStatistics(gram.matrix, paired.cross, paired.reference)
+            choice = choose_range(layer, w, planned.grid, axis, block_size, self.config, inputs)
             planned.qt, planned.w_hat, planned.sqrt = choice.qt, choice.w_hat, choice.sqrt
             planned.ratios = {"ratio_high": choice.ratio_high, "ratio_low": choice.ratio_low}
             record.range_search = choice.summary

@@ -39,13 +39,34 @@ class RangeChoice:
     summary: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class InputStatistics:
+    """What the output objective weighs a layer's errors with: H = X̃ᵀX̃ of the inputs X̃ the
+    layer receives and, when those differ from the unquantized model's X (the sequential
+    objective), C = X̃ᵀX and H_ref = XᵀX, so that the target is XW rather than X̃W."""
+
+    gram: np.ndarray  # (groups, reduction, reduction) each
+    cross: np.ndarray | None = None
+    reference: np.ndarray | None = None
+
+
 class LayerErrors:
     """Per-group errors of a decoded weight, in the scale's layout: the squared weight error,
-    or (with a Gram matrix H and per-channel or per-tensor scales) the output error δᵀHδ."""
+    or (with input statistics and per-channel or per-tensor scales) the output error
+    ‖X̃Ŵ − XW‖² per output column, written with D = Ŵ − W as DᵀHD + 2Dᵀ(H − C)W + its
+    value at D = 0 (the last two vanish when X̃ = X)."""
 
-    def __init__(self, layer: WeightLayer, w: np.ndarray, axis: int | None, block_size: int | None, gram: np.ndarray | None):
+    def __init__(self, layer: WeightLayer, w: np.ndarray, axis: int | None, block_size: int | None,
+                 inputs: InputStatistics | None):
         self.layer, self.w, self.axis, self.block_size = layer, w.astype(np.float64), axis, block_size
-        self.gram = gram if gram is not None and block_size is None and axis in (None, layer.channel_axis) else None
+        usable = inputs is not None and block_size is None and axis in (None, layer.channel_axis)
+        self.gram = inputs.gram if usable else None
+        self.drift = self.drift_error = None
+        if usable and inputs.cross is not None:
+            m = weight_matrix(layer, self.w)
+            self.drift = (inputs.gram - inputs.cross) @ m  # (groups, reduction, outputs)
+            cross = np.einsum("grn,grn->gn", inputs.cross @ m, m)
+            self.drift_error = _quadratic(inputs.gram, m) - 2.0 * cross + _quadratic(inputs.reference, m)
 
     @property
     def uses_output(self) -> bool:
@@ -56,8 +77,10 @@ class LayerErrors:
         return group_sums(delta * delta, self.axis, self.block_size)
 
     def output(self, w_hat: np.ndarray) -> np.ndarray:
-        delta = weight_matrix(self.layer, self.w - w_hat)  # (groups, reduction, outputs per group)
-        per_column = np.einsum("grn,grn->gn", self.gram @ delta, delta)
+        d = weight_matrix(self.layer, w_hat.astype(np.float64) - self.w)  # (groups, reduction, outputs per group)
+        per_column = _quadratic(self.gram, d)
+        if self.drift is not None:
+            per_column += 2.0 * np.einsum("grn,grn->gn", self.drift, d) + self.drift_error
         if self.axis is None:
             return per_column.sum().reshape(())
         if self.layer.node.op_type == "ConvTranspose":  # scales along axis 1 are shared by the groups
@@ -66,6 +89,11 @@ class LayerErrors:
 
     def __call__(self, w_hat: np.ndarray) -> np.ndarray:
         return self.output(w_hat) if self.uses_output else self.weight(w_hat)
+
+
+def _quadratic(gram: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """mᵀ·gram·m per column: (groups, outputs)."""
+    return np.einsum("grn,grn->gn", gram @ m, m)
 
 
 def _decode(source: np.ndarray, grid: Grid, axis, block_size, ratio, low, sqrt: bool, dtype) -> tuple[Quantized, np.ndarray]:
@@ -107,15 +135,16 @@ def _search(w, grid, axis, block_size, errors: LayerErrors, config: QuantConfig,
     return RangeChoice(qt, w_hat, sqrt, float(np.mean(ratio)), evaluations, high_layout, low_layout)
 
 
-def choose_range(layer: WeightLayer, w: np.ndarray, grid: Grid, axis, block_size, config: QuantConfig, gram: np.ndarray | None) -> RangeChoice:
+def choose_range(layer: WeightLayer, w: np.ndarray, grid: Grid, axis, block_size, config: QuantConfig,
+                 inputs: InputStatistics | None) -> RangeChoice:
     """The searched quantization of `w` (sqrt-reshaped with `config.sqrt`), and a summary of
     weight and output errors: plain round-to-nearest, searched, and searched with sqrt."""
-    errors = LayerErrors(layer, w, axis, block_size, gram if config.range_objective == "output" else None)
+    errors = LayerErrors(layer, w, axis, block_size, inputs if config.range_objective != "mse" else None)
     plain = _decode(w, grid, axis, block_size, 1.0, None, False, w.dtype)[1]
     searched = _search(w, grid, axis, block_size, errors, config, sqrt=False)
     choice = _search(w, grid, axis, block_size, errors, config, sqrt=True) if config.sqrt else searched
     energy = float(np.sum(w.astype(np.float64) ** 2)) or 1.0
-    summary = {"alpha": choice.alpha, "objective": "output" if errors.uses_output else "mse"}
+    summary = {"alpha": choice.alpha, "objective": config.range_objective if errors.uses_output else "mse"}
     candidates = {"rtn": plain, "searched": searched.w_hat} | ({"sqrt": choice.w_hat} if config.sqrt else {})
     output_energy = float(errors.output(np.zeros_like(w)).sum()) or 1.0 if errors.uses_output else 1.0
     for name, w_hat in candidates.items():

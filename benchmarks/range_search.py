@@ -5,8 +5,9 @@ the data-free search takes on MiniLM.
     python benchmarks/range_search.py
 
 Fidelity: held-out accuracy (digits, 500 images) and mean embedding cosine to FP32 (MiniLM,
-48 sentences), onnxruntime at MatMulNBits accuracy level 0. `output` uses the calibration sets
-(models/digits_calib.npz, the 128 sentences of models/sentences_calib.txt).
+48 sentences), onnxruntime at MatMulNBits accuracy level 0. `output` and `sequential` (seq.)
+use the calibration sets (models/digits_calib.npz, the 128 sentences of
+models/sentences_calib.txt).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ METHODS = {  # label: (file stem, options)
     "RTN": ("rtn", {}),
     "search (mse)": ("mse", dict(range_search=True)),
     "search (output)": ("output", dict(range_search=True, range_objective="output")),
+    "search (seq.)": ("sequential", dict(range_search=True, range_objective="sequential")),
     "search + sqrt": ("sqrt", dict(range_search=True, sqrt=True)),
 }
 MODELS = {
@@ -67,7 +69,7 @@ def main() -> None:
         for name, (model, calib) in MODELS.items():
             for bits in (4, 2):
                 for method, (stem, options) in METHODS.items():
-                    data = calib if options.get("range_objective") == "output" else None
+                    data = calib if options.get("range_objective", "mse") != "mse" else None
                     start = time.perf_counter()
                     compressed, report = compress(load_model(model), QuantConfig(bits=bits, **options), calibration=Calibration(data))
                     seconds = time.perf_counter() - start

@@ -117,7 +117,7 @@ def test_sequential_error_is_the_drifted_output_error():
     for rows in np.split(np.arange(300), 3):  # streamed in batches
         paired.add(x_drifted[rows][None], x[rows][None])
     w_hat = dequantize(quantize(w, grid_for(2, False), axis=1)).astype(np.float64)
-    inputs = InputStatistics(paired.current.matrix, paired.cross, paired.reference)
+    inputs = InputStatistics(paired.current.matrix, paired.cross, paired.reference.matrix)
     got = LayerErrors(layer, w, 1, None, inputs).output(w_hat)
     expected = np.square(x_drifted @ w_hat - x @ w.astype(np.float64)).sum(axis=0)
     np.testing.assert_allclose(got, expected, rtol=1e-9)

@@ -22,19 +22,18 @@ from onnxcomp.layers import WeightLayer, reduction_depth
 
 
 class PairedGram:
-    """Per group: H̃ (with the rows' sums, as a `Gram`), C = X̃ᵀX and H = XᵀX, float64."""
+    """Per group: H̃ and H (`Gram`s, with their rows' sums) and C = X̃ᵀX, float64."""
 
     def __init__(self, groups: int, reduction: int):
         self.current = Gram.empty(groups, reduction)
+        self.reference = Gram.empty(groups, reduction)
         self.cross = np.zeros((groups, reduction, reduction))
-        self.reference = np.zeros((groups, reduction, reduction))
 
     def add(self, current_rows: np.ndarray, reference_rows: np.ndarray) -> None:
         """Rows of the same samples, (groups, n, reduction) each."""
         self.current.add(current_rows)
-        current, reference = current_rows.astype(np.float64), reference_rows.astype(np.float64)
-        self.cross += np.matmul(current.transpose(0, 2, 1), reference)
-        self.reference += np.matmul(reference.transpose(0, 2, 1), reference)
+        self.reference.add(reference_rows)
+        self.cross += np.matmul(current_rows.astype(np.float64).transpose(0, 2, 1), reference_rows.astype(np.float64))
 
 
 class SequentialStatistics:

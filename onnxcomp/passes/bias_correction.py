@@ -15,10 +15,16 @@ from onnxcomp.layers import WeightLayer
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 
 
-def output_shift(layer: WeightLayer, mean_row: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> np.ndarray:
-    """E[x]·(Ŵ − W) per output channel, in the order of the layer's bias."""
-    delta = weight_matrix(layer, w_hat.astype(np.float64) - w.astype(np.float64))  # (groups, reduction, outputs)
-    return np.einsum("gr,gro->go", mean_row, delta).reshape(-1)
+def output_shift(layer: WeightLayer, mean_row: np.ndarray, w: np.ndarray, w_hat: np.ndarray,
+                 reference_mean: np.ndarray | None = None) -> np.ndarray:
+    """E[x]·(Ŵ − W) per output channel, in the order of the layer's bias; with the mean input
+    row of the unquantized model, E[x̃]·Ŵ − E[x_ref]·W: the drift from the layers before too."""
+    w64 = w.astype(np.float64)
+    delta = weight_matrix(layer, w_hat.astype(np.float64) - w64)  # (groups, reduction, outputs)
+    shift = np.einsum("gr,gro->go", mean_row, delta)
+    if reference_mean is not None:
+        shift += np.einsum("gr,gro->go", mean_row - reference_mean, weight_matrix(layer, w64))
+    return shift.reshape(-1)
 
 
 def _attr_float(node: ir.Node, name: str) -> float:
@@ -53,10 +59,10 @@ def _bias_value(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, chann
 
 
 def correct_bias(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, mean_row: np.ndarray,
-                 w: np.ndarray, w_hat: np.ndarray) -> float | None:
+                 w: np.ndarray, w_hat: np.ndarray, reference_mean: np.ndarray | None = None) -> float | None:
     """Subtract the layer's mean output shift from its bias; return the largest |shift|
     corrected, or None where the layer has no bias to correct."""
-    shift = output_shift(layer, mean_row, w, w_hat)
+    shift = output_shift(layer, mean_row, w, w_hat, reference_mean)
     bias, scale = _bias_value(graph, names, layer, shift.size)
     if bias is None:
         return None

@@ -148,6 +148,7 @@ class _Planned:
     sqrt: bool = False
     ratios: dict = field(default_factory=dict)
     gram: Gram | None = None
+    paired: PairedGram | None = None  # the sequential objective's statistics
     note: str = ""
     output_error: float | None = None
 
@@ -249,7 +250,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             bytes_before=int(w.nbytes),
             bytes_after=int(w.nbytes),
         )
-        planned = _Planned(layer, record, bits, w, gram=gram)
+        planned = _Planned(layer, record, bits, w, gram=gram, paired=paired)
         reason = skip_reason(layer, self.config)
         if reason:
             record.note = reason
@@ -259,7 +260,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if self.config.range_search or self.config.sqrt:
             inputs = None if gram is None else InputStatistics(gram.matrix)
             if paired is not None:
-                inputs = InputStatistics(gram.matrix, paired.cross, paired.reference)
+                inputs = InputStatistics(gram.matrix, paired.cross, paired.reference.matrix)
             choice = choose_range(layer, w, planned.grid, axis, block_size, self.config, inputs)
             planned.qt, planned.w_hat, planned.sqrt = choice.qt, choice.w_hat, choice.sqrt
             planned.ratios = {"ratio_high": choice.ratio_high, "ratio_low": choice.ratio_low}
@@ -301,5 +302,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 planned.output_error = relative_output_error(layer, gram.matrix, w, w_hat)
             record.output_error = planned.output_error
             if self.config.bias_correction:
-                corrected = correct_bias(graph, names, layer, gram.mean, w, w_hat) is not None
+                reference_mean = planned.paired.reference.mean if planned.paired is not None else None
+                corrected = correct_bias(graph, names, layer, gram.mean, w, w_hat, reference_mean) is not None
                 record.note = _joined(record.note, "bias corrected" if corrected else "no bias to correct")

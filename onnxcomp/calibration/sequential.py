@@ -55,13 +55,16 @@ class SequentialStatistics:
             if layer.data is not None and fetchable(layer.data, graph):
                 self.readers.setdefault(layer.data, []).append(layer)
         self.reference = model.clone()  # shares the weights' tensors, which quantizing replaces, not edits
-        self.measured: dict[ir.Node, PairedGram | None] = {}
+        self.measured: dict[ir.Node, PairedGram] = {}  # measured, not yet handed over
+        self.done: set[ir.Value] = set()
 
     def __call__(self, model: ir.Model, layer: WeightLayer) -> PairedGram | None:
-        """The layer's paired statistics; None where its input cannot be fetched."""
-        if layer.node not in self.measured and layer.data in self.readers:
+        """The layer's paired statistics, handed over (not kept: ask once per layer); None
+        where its input cannot be fetched or written as rows."""
+        if layer.data in self.readers and layer.data not in self.done:
             self._measure(model, layer.data)
-        return self.measured.get(layer.node)
+            self.done.add(layer.data)
+        return self.measured.pop(layer.node, None)
 
     def _measure(self, model: ir.Model, value: ir.Value) -> None:
         readers: list[WeightLayer] = []
@@ -91,6 +94,6 @@ class SequentialStatistics:
                         failed = self.measured[layer.node]
                         for reader in readers:
                             if self.measured.get(reader.node) is failed:
-                                self.measured[reader.node] = None  # asked again: still None
+                                del self.measured[reader.node]
                 bar.update(len(next(iter(feeds.values()))))
 

@@ -94,12 +94,11 @@ class FetchSession:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
 
-    def run(self, feeds: Feeds, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """The exposed values (or those of them in `names`) on one batch."""
-        names = self.names if names is None else names
-        fetch = [n for n in names if n not in self.inputs]
+    def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        """The exposed values on one batch."""
+        fetch = [n for n in self.names if n not in self.inputs]
         results = dict(zip(fetch, self.session.run(fetch, feeds))) if fetch else {}
-        results.update({name: feeds[name] for name in names if name in self.inputs})
+        results.update({name: feeds[name] for name in self.inputs})
         return results
 
 

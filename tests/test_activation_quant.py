@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_ir
 import onnxruntime as ort
 import pytest
 
@@ -110,3 +111,27 @@ def test_output_error_is_reported_with_real_calibration(tmp_path):
     assert "out err" in report.to_table()
     _, plain = compress(load_model(DIGITS), QuantConfig(bits=4))
     assert all(r.output_error is None for r in plain.layers)
+
+
+def test_sequential_range_search_after_smoothing(tmp_path):
+    """Smoothing appends its Mul nodes for the final sort to place; the sequential range
+    search runs (and clones) the model mid-pass, so it orders the graph first."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+    w1, w2 = rng.standard_normal((32, 16)).astype(np.float32), rng.standard_normal((16, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="second")]
+    inits = [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((128, 32)).astype(np.float32)
+    x[:, 3] *= 40  # an outlier channel, which smoothing moves into w1
+    config = QuantConfig(bits=4, act_bits=8, range_search=True, range_objective="sequential")
+    model, report = compress(onnx_ir.from_proto(proto), config, calibration=Calibration([{"x": x}]))
+    assert any(n.pass_name == "smooth" for n in report.notes)
+    save_model(onnx_ir.from_proto(proto), tmp_path / "fp32.onnx")
+    save_model(model, tmp_path / "q.onnx")
+    reference = outputs(tmp_path / "fp32.onnx", {"x": x}, 0)["y"]
+    assert mean_cosine(reference, outputs(tmp_path / "q.onnx", {"x": x}, 0)["y"]) > 0.98

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
 from tqdm import tqdm
 
 from onnxcomp.calibration.analysis import Calibration
@@ -186,6 +187,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         optq = self.config.rounding == "optq"
         sequential = objective == "sequential" and (self.config.range_search or self.config.sqrt)
         if sequential:  # measured layer by layer, as the layers before are quantized
+            TopologicalSortPass()(model)  # earlier passes may have appended nodes; the model is run mid-pass
             calibration = self.calibration
             dataset = calibration.dataset(model, "--range-objective sequential")
             measure = SequentialStatistics(model, dataset, layers, calibration.device, calibration.progress)

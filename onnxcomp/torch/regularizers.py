@@ -14,7 +14,6 @@ costs what the arithmetic costs (gradients checked against finite differences in
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -58,6 +57,10 @@ def _following_batch_norms(model: nn.Module) -> dict[nn.Module, nn.Module]:
     return pairs
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _Loss(torch.autograd.Function):
     """reg() as one autograd node: forward computes the loss and every gradient at once."""
 
@@ -69,7 +72,7 @@ class _Loss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (None, *[None if g is None else g * grad_output.to(g.dtype) for g in ctx.grads])
+        return (None, *[g * _cast(grad_output, g.dtype) for g in ctx.grads])
 
 
 class RangeRegularizerBase(nn.Module):
@@ -118,15 +121,20 @@ class RangeRegularizerBase(nn.Module):
             return per_group.reshape(shape)
         return rows.reshape(shape)
 
-    def _inverse_std(self, index: int) -> torch.Tensor | None:
+    def _fold(self, index: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """γ/√(σ²+ε) as a column, and 1/√(σ²+ε), of the BatchNorm folded into the layer
+        (None, None without one)."""
         norm = self._norms[index]
-        return None if norm is None else torch.rsqrt(_wide(norm.running_var) + norm.eps)
+        if norm is None:
+            return None, None
+        inverse_std = torch.rsqrt(_wide(norm.running_var) + norm.eps)
+        return (_wide(norm.weight) * inverse_std).unsqueeze(1), inverse_std
 
     def effective_weight(self, index: int) -> torch.Tensor:
         """The weight the quantizer will see, as (output channels, everything else)."""
         w = self._output_first(index, _wide(self._layers[index].weight))
-        inverse_std = self._inverse_std(index)
-        return w if inverse_std is None else w * (_wide(self._norms[index].weight) * inverse_std)[:, None]
+        factor, _ = self._fold(index)
+        return w if factor is None else w * factor
 
     # --- loss ---------------------------------------------------------------------------
 
@@ -134,7 +142,9 @@ class RangeRegularizerBase(nn.Module):
         """The learnable per-layer scalars, as one tensor (or nothing)."""
         return []
 
-    def row_loss_and_grads(self, index: int, rows: torch.Tensor):
+    def row_loss_and_grads(self, index: int, rows: torch.Tensor, scalar: torch.Tensor | None):
+        """Each row's loss, its gradient and the gradient for the layer's learnable scalar
+        (`scalar`, a 0-d tensor, or None); scalars stay tensors, so no step waits on a GPU."""
         raise NotImplementedError
 
     def _inputs(self) -> list[torch.Tensor]:
@@ -147,29 +157,29 @@ class RangeRegularizerBase(nn.Module):
 
     @torch.no_grad()
     def _loss_and_grads(self, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        count = len(self._layers)
-        weight_grads, gamma_grads = [], []
         params = self.layer_params()
-        param_grad = torch.zeros_like(_wide(params[0])) if params else None
-        total = torch.zeros((), dtype=_wide(self._layers[0].weight).dtype, device=self._layers[0].weight.device)
-        for index in range(count):
-            raw = self._output_first(index, _wide(self._layers[index].weight))
-            inverse_std = self._inverse_std(index)
-            factor = None if inverse_std is None else _wide(self._norms[index].weight) * inverse_std
-            w = raw if factor is None else raw * factor[:, None]
+        scalars = _wide(params[0].detach()) if params else None
+        total, weight_grads, gamma_grads, param_grads = None, [], [], []
+        for index, (layer, norm) in enumerate(zip(self._layers, self._norms)):
+            raw = self._output_first(index, _wide(layer.weight))
+            factor, inverse_std = self._fold(index)
+            w = raw if factor is None else raw * factor
             rows = w if self.per_channel else w.reshape(1, -1)
-            losses, grad_rows, grad_param = self.row_loss_and_grads(index, rows)
-            share = 1.0 / rows.shape[0]  # the layer's loss is the mean over its rows
-            total = total + losses.sum() * share
+            losses, grad_rows, grad_param = self.row_loss_and_grads(index, rows, None if scalars is None else scalars[index])
+            share = self.strength / rows.shape[0]  # the layer's loss is the mean over its rows
+            layer_loss = losses.sum() * share
+            total = layer_loss if total is None else total + layer_loss
             grad_w = grad_rows.reshape(w.shape) * share
-            if factor is not None:
-                gamma_grads.append(((grad_w * raw).sum(dim=1) * inverse_std).to(self._norms[index].weight.dtype))
-                grad_w = grad_w * factor[:, None]
-            weight_grads.append(self._layer_layout(index, grad_w).to(self._layers[index].weight.dtype))
+            if norm is not None:
+                gamma_grads.append(_cast((grad_w * raw).sum(dim=1).mul_(inverse_std), norm.weight.dtype))
+                grad_w.mul_(factor)
+            weight_grads.append(_cast(self._layer_layout(index, grad_w), layer.weight.dtype))
             if grad_param is not None:
-                param_grad[index] = grad_param * share
-        grads = [*weight_grads, *gamma_grads] + ([param_grad.to(params[0].dtype)] if params else [])
-        return self.strength * total, [self.strength * g for g in grads]
+                param_grads.append(grad_param * share)
+        grads = [*weight_grads, *gamma_grads]
+        if params:
+            grads.append(_cast(torch.stack(param_grads), params[0].dtype))
+        return total, grads
 
     @torch.no_grad()
     def stats(self) -> list[dict]:
@@ -194,7 +204,7 @@ class LInfRegularizer(RangeRegularizerBase):
     """R2 L-inf (R2-Loss, arXiv 2303.08253): L = max|w| of the layer (or of each channel);
     its gradient is sign(w) at the largest magnitude."""
 
-    def row_loss_and_grads(self, index, rows):
+    def row_loss_and_grads(self, index, rows, scalar):
         magnitude = rows.abs()
         peak, where = magnitude.max(dim=1, keepdim=True)
         grad = torch.zeros_like(rows).scatter_(1, where, torch.sign(rows.gather(1, where)))
@@ -214,8 +224,8 @@ class MarginRegularizer(RangeRegularizerBase):
     def layer_params(self):
         return [self.margins]
 
-    def row_loss_and_grads(self, index, rows):
-        m = _wide(self.margins[index]).to(rows.dtype)
+    def row_loss_and_grads(self, index, rows, scalar):
+        m = _cast(scalar, rows.dtype)
         margin = m.abs()
         excess = torch.relu(rows.abs() - margin)
         n = rows.shape[1]
@@ -228,7 +238,7 @@ class MarginRegularizer(RangeRegularizerBase):
         return {"margin": float(self.margins[index].abs())}
 
 
-def soft_range_and_grads(rows: torch.Tensor, alpha: float):
+def soft_range_and_grads(rows: torch.Tensor, alpha: torch.Tensor):
     """s_max − s_min per row (DSMM's Eq. 1): the softmax(α·w)- and softmax(−α·w)-weighted
     means of w (softmax subtracts the row's max: the paper's W_max and W_min shifts), with
     d/dw = p(1 + α(w − s_max)) − q(1 − α(w − s_min)) and d/dα = Var_p(w) + Var_q(w)."""
@@ -238,7 +248,7 @@ def soft_range_and_grads(rows: torch.Tensor, alpha: float):
     above = rows - (p * rows).sum(dim=1, keepdim=True)  # w − s_max
     below = rows - (q * rows).sum(dim=1, keepdim=True)  # w − s_min
     p_above, q_below = p * above, q * below
-    grad = (p - q).add_(p_above.add(q_below), alpha=alpha)
+    grad = (p - q).add_(p_above.add(q_below).mul_(alpha))
     grad_alpha = (p_above.mul_(above).add_(q_below.mul_(below))).sum(dim=1)
     return (below - above)[:, 0], grad, grad_alpha
 
@@ -253,8 +263,8 @@ class SoftMinMaxRegularizer(RangeRegularizerBase):
             temps = [sharpness / self.effective_weight(i).std().clamp(min=1e-8) for i in range(len(self._layers))]
         self.register_buffer("temperatures", torch.stack(temps).float())
 
-    def row_loss_and_grads(self, index, rows):
-        losses, grad, _ = soft_range_and_grads(rows, float(self.temperatures[index]))
+    def row_loss_and_grads(self, index, rows, scalar):
+        losses, grad, _ = soft_range_and_grads(rows, _cast(self.temperatures[index], rows.dtype))
         return losses, grad, None
 
     def learned(self, index):
@@ -273,10 +283,10 @@ class DSMMRegularizer(RangeRegularizerBase):
     def layer_params(self):
         return [self.temperatures]
 
-    def row_loss_and_grads(self, index, rows):
-        alpha = float(self.temperatures[index])
+    def row_loss_and_grads(self, index, rows, scalar):
+        alpha = _cast(scalar, rows.dtype)
         losses, grad, grad_alpha = soft_range_and_grads(rows, alpha)
-        decay = math.exp(-alpha)
+        decay = torch.exp(-alpha)
         return losses + decay, grad, grad_alpha.sum() - decay * rows.shape[0]
 
     def learned(self, index):

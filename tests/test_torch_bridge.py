@@ -147,3 +147,20 @@ def test_finetune_runs_the_users_loader_with_the_regularizer():
         assert not model.training and "margin" in reg.stats()[0]
         ranges[strength] = sum(entry["range"] for entry in RangeRegularizer(model, kind="linf").stats())
     assert ranges[1.0] < ranges[1e-12]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA build of torch and a GPU")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cuda_matches_cpu(kind):
+    """On a GPU every kind gives the CPU's loss and gradients (float64, BatchNorm folded)."""
+    results = []
+    for device in ("cpu", "cuda"):
+        model = small_cnn(torch.float64).to(device)
+        reg = RangeRegularizer(model, kind=kind, fold_bn=True, per_channel=True).double().to(device)
+        value = reg()
+        value.backward()
+        results.append((value.item(), [p.grad.cpu() for p in [*model.parameters(), *reg.parameters()] if p.grad is not None]))
+    (cpu_value, cpu_grads), (gpu_value, gpu_grads) = results
+    assert gpu_value == pytest.approx(cpu_value, rel=1e-9) and len(cpu_grads) == len(gpu_grads)
+    for a, b in zip(cpu_grads, gpu_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

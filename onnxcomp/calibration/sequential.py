@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
 from tqdm import tqdm
 
 from onnxcomp.calibration.collect import FetchSession, fetchable, row_chunks, same_rows
@@ -54,6 +55,7 @@ class SequentialStatistics:
         for layer in layers:
             if layer.data is not None and fetchable(layer.data, graph):
                 self.readers.setdefault(layer.data, []).append(layer)
+        TopologicalSortPass()(model)  # earlier passes may leave appended nodes to a final sort; cloning needs order
         self.reference = model.clone()  # shares the weights' tensors, which quantizing replaces, not edits
         self.measured: dict[ir.Node, PairedGram] = {}  # measured, not yet handed over
         self.done: set[ir.Value] = set()

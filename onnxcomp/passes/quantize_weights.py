@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import TopologicalSortPass
 from tqdm import tqdm
 
 from onnxcomp.calibration.analysis import Calibration
@@ -125,7 +124,7 @@ def emit_sqrt_decode(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, 
     out.name = names.fresh(base + "_decoded")
     for value in (magnitude.outputs[0], out):
         value.type, value.shape = layer.weight.type, layer.weight.shape
-    graph.insert_after(y.producer(), [magnitude, decode])  # still in order: the graph is run mid-pass
+    graph.insert_after(y.producer(), [magnitude, decode])  # kept in order: the sequential objective runs the graph mid-pass
     return out
 
 
@@ -187,7 +186,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         optq = self.config.rounding == "optq"
         sequential = objective == "sequential" and (self.config.range_search or self.config.sqrt)
         if sequential:  # measured layer by layer, as the layers before are quantized
-            TopologicalSortPass()(model)  # earlier passes may have appended nodes; the model is run mid-pass
             calibration = self.calibration
             dataset = calibration.dataset(model, "--range-objective sequential")
             measure = SequentialStatistics(model, dataset, layers, calibration.device, calibration.progress)

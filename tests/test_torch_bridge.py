@@ -23,16 +23,17 @@ def small_cnn(dtype=torch.float32) -> nn.Module:
     ).to(dtype)
 
 
+@pytest.mark.parametrize("backend", ["c", "torch"])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("fold_bn,per_channel", [(False, False), (True, True)])
-def test_gradcheck_float64(kind, fold_bn, per_channel):
+def test_gradcheck_float64(kind, fold_bn, per_channel, backend):
     model = small_cnn(torch.float64)
     with torch.no_grad():  # running statistics that are not all ones, so folding matters
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
-    reg = RangeRegularizer(model, kind=kind, fold_bn=fold_bn, per_channel=per_channel).double()
+    reg = RangeRegularizer(model, kind=kind, fold_bn=fold_bn, per_channel=per_channel, backend=backend).double()
     if kind == "soft-min-max":
         reg.temperatures.mul_(0.1)  # a softer max keeps finite differences smooth
     layer = model[3]
@@ -68,6 +69,91 @@ def _value_with_params(reg, values):
         for name, value in saved.items():
             delattr(reg, name)
             reg.register_parameter(name, value)
+
+
+def mixed_model(dtype=torch.float64) -> nn.Module:
+    """Every layout the kernel is handed: grouped Conv, ConvTranspose, a channels-last
+    weight, a BatchNorm with negative and zero γ, one without γ, Linear after BatchNorm1d."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1, groups=3), nn.BatchNorm2d(6, affine=False),
+        nn.ConvTranspose2d(6, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, 7), nn.BatchNorm1d(7), nn.Linear(7, 3),
+    ).to(dtype)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_var.uniform_(0.3, 3.0)
+                if module.weight is not None:
+                    module.weight.uniform_(-2.0, 2.0)
+        model[0].weight[2].zero_()  # an all-zero channel: ties everywhere
+        model[1].weight[1] = 0.0  # γ = 0 folds a channel to nothing
+        model[3].weight.data = model[3].weight.data.to(memory_format=torch.channels_last)
+    return model
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("fold_bn,per_channel", [(False, False), (True, False), (False, True), (True, True)])
+def test_kernel_matches_torch_operations(kind, fold_bn, per_channel, dtype, rtol):
+    """The C kernel and the torch operations give one loss and the same gradients."""
+    results = []
+    for backend in ("c", "torch"):
+        model = mixed_model(dtype)
+        reg = RangeRegularizer(model, kind=kind, fold_bn=fold_bn, per_channel=per_channel, backend=backend).to(dtype)
+        with torch.no_grad():
+            if kind == "dsmm":
+                reg.temperatures.copy_(torch.tensor([0.1, 3.0, 30.0, 300.0, 1.0]))
+            if kind == "margin":  # the loss takes |M|: a negative margin's gradient changes sign
+                reg.margins.mul_(torch.tensor([1.0, -1.0, 0.5, -0.2, 1.0]))
+        value = reg() * 3.0  # a scale that backward must pass on
+        value.backward()
+        params = [*model.parameters(), *reg.parameters()]
+        results.append((value.item(), [p.grad for p in params if p.grad is not None]))
+    (kernel_value, kernel_grads), (torch_value, torch_grads) = results
+    assert kernel_value == pytest.approx(torch_value, rel=rtol) and len(kernel_grads) == len(torch_grads)
+    for a, b in zip(kernel_grads, torch_grads):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+
+
+def test_without_a_compiler_the_torch_operations_step_in(tmp_path, monkeypatch):
+    from onnxcomp.torch import native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ONNXCOMP_CACHE_DIR", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        model = small_cnn()
+        with pytest.warns(UserWarning, match="no C compiler"):
+            value = RangeRegularizer(model, kind="dsmm", fold_bn=True, per_channel=True)()
+        expected = RangeRegularizer(model, kind="dsmm", fold_bn=True, per_channel=True, backend="torch")()
+        assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+        with pytest.raises(RuntimeError, match="backend='c' needs"):
+            RangeRegularizer(model, kind="dsmm", backend="c")()
+        assert not (tmp_path / "cache").exists()
+    finally:
+        native.library.cache_clear()
+
+
+def test_the_kernel_is_built_once_and_leaves_subnormals_alone(tmp_path, monkeypatch):
+    """Built into the cache on first use and loaded from it after; loading it does not
+    switch the process to flushing subnormal numbers to zero (as -ffast-math linking would)."""
+    from onnxcomp.torch import native
+
+    monkeypatch.setenv("ONNXCOMP_CACHE_DIR", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        built = list(tmp_path.glob("range_kernels-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.library.cache_clear()
+        assert native.library() is not None and built[0].stat().st_mtime_ns == stamp
+        tiny = np.float32(1e-40)  # subnormal in float32
+        assert tiny * np.float32(1.0) > 0 and (torch.tensor(1e-40) * 1.0).item() > 0
+    finally:
+        native.library.cache_clear()
 
 
 def test_dsmm_temperature_grows_while_training():

@@ -50,9 +50,16 @@ def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         objects, library = Path(work) / "kernels.o", Path(work) / "kernels.so"
-        subprocess.run([compiler, "-c", *COMPILE_FLAGS, str(SOURCE), "-o", str(objects)], check=True, capture_output=True, text=True)
-        subprocess.run([compiler, "-shared", str(objects), "-o", str(library), "-lm"], check=True, capture_output=True, text=True)
+        try:
+            _run([compiler, "-c", *COMPILE_FLAGS, str(SOURCE), "-o", str(objects)])
+        except subprocess.CalledProcessError:  # a compiler that does not know -march=native
+            _run([compiler, "-c", *[f for f in COMPILE_FLAGS if f != "-march=native"], str(SOURCE), "-o", str(objects)])
+        _run([compiler, "-shared", str(objects), "-o", str(library), "-lm"])
         os.replace(library, target)  # atomic: a process compiling beside this one never sees half a file
+
+
+def _run(command: list[str]) -> None:
+    subprocess.run(command, check=True, capture_output=True, text=True)
 
 
 @functools.cache

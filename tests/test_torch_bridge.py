@@ -156,6 +156,14 @@ def test_the_kernel_is_built_once_and_leaves_subnormals_alone(tmp_path, monkeypa
         native.library.cache_clear()
 
 
+def test_a_regularizer_pickles_with_the_training_state():
+    import pickle
+
+    reg = RangeRegularizer(small_cnn(), kind="dsmm", fold_bn=True, per_channel=True)
+    again = pickle.loads(pickle.dumps(reg))
+    assert again().item() == reg().item()
+
+
 def test_dsmm_temperature_grows_while_training():
     model = small_cnn()
     reg = RangeRegularizer(model, kind="dsmm", strength=0.01)

@@ -94,9 +94,9 @@ class Layers:
 
     def __init__(self, channels: list[int], lengths: list[int], eps: list[float]):
         self.count = len(channels)
-        self.channels = (ctypes.c_int64 * self.count)(*channels)
-        self.lengths = (ctypes.c_int64 * self.count)(*lengths)
-        self.eps = (ctypes.c_double * self.count)(*eps)
+        self.channels = torch.tensor(channels, dtype=torch.int64)  # tensors, not ctypes arrays: they pickle
+        self.lengths = torch.tensor(lengths, dtype=torch.int64)
+        self.eps = torch.tensor(eps, dtype=torch.float64)
 
 
 def _pointers(tensors: list[torch.Tensor | None]) -> ctypes.Array:
@@ -115,7 +115,7 @@ def run(kernel: str, layers: Layers, weights: list[torch.Tensor], gammas: list, 
     loss = weights[0].new_empty(())
     dvalues = None if values is None else values.new_empty(layers.count)
     function = getattr(library(), f"{kernel}_{_SUFFIX[weights[0].dtype]}")
-    function(layers.count, layers.channels, layers.lengths, _pointers(weights), _pointers(gammas), _pointers(variances),
-             layers.eps, None if values is None else values.data_ptr(), strength, int(per_channel), int(decay),
+    function(layers.count, layers.channels.data_ptr(), layers.lengths.data_ptr(), _pointers(weights), _pointers(gammas),
+             _pointers(variances), layers.eps.data_ptr(), None if values is None else values.data_ptr(), strength, int(per_channel), int(decay),
              _pointers(grads), _pointers(gamma_grads), loss.data_ptr(), None if dvalues is None else dvalues.data_ptr())
     return loss, grads, gamma_grads, dvalues

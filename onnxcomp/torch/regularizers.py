@@ -237,7 +237,8 @@ class RangeRegularizerBase(nn.Module):
         return loss, weight_grads, gamma_grads, dvalues
 
     def _torch_terms(self, weights, gammas, values):
-        """The same as `_kernel_terms`, in torch operations, layer by layer."""
+        """The same as `_kernel_terms`, in torch operations, layer by layer (γ, the same
+        tensors as `gammas`, read through `_fold`)."""
         total, weight_grads, gamma_grads, dvalues = None, [], [], []
         for index, (weight, norm) in enumerate(zip(weights, self._norms)):
             raw = self._output_first(index, _wide(weight))

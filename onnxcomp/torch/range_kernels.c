@@ -9,9 +9,11 @@
  *
  * Written per layer: grads[l] (d loss / d weights[l]), gamma_grads[l] (d loss / d gamma,
  * when not NULL), dvalues[l] (d loss / d the layer's margin or temperature, values[l]);
- * and *loss, the total. With `decay` each layer also adds strength * e^-values[l] (DSMM). Sums accumulate in double. Compiled with -ffast-math (vectorized
- * exp) but linked without it, so loading the library leaves the process's floating-point
- * mode alone.
+ * and *loss, the total. With `decay` each layer also adds strength * e^-values[l] (DSMM).
+ *
+ * A channel's sums accumulate in T, a row's in double. Compiled with -ffast-math
+ * (vectorized exp) but linked without it, so loading the library leaves the process's
+ * floating-point mode alone.
  */
 #include <math.h>
 #include <stdint.h>
@@ -47,8 +49,13 @@ static void linf_row_##SUFFIX(ROW_ARGS(T)) {                                    
     for (int64_t c = c0; c < c1; c++) {                                                         \
         T factor = ABS(fold_##SUFFIX(gamma, variance, eps, c, &inverse_std)), largest = 0;      \
         if (gamma_grad) gamma_grad[c] = 0;                                                      \
-        for (int64_t i = c * m; i < (c + 1) * m; i++) largest = ABS(w[i]) > largest ? ABS(w[i]) : largest; \
-        if (factor * largest > peak) { peak = factor * largest; peak_largest = largest; peak_channel = c; } \
+        for (int64_t i = c * m; i < (c + 1) * m; i++)                                           \
+            largest = ABS(w[i]) > largest ? ABS(w[i]) : largest;                                \
+        if (factor * largest > peak) {                                                         \
+            peak = factor * largest;                                                            \
+            peak_largest = largest;                                                             \
+            peak_channel = c;                                                                   \
+        }                                                                                       \
     }                                                                                           \
     T f = fold_##SUFFIX(gamma, variance, eps, peak_channel, &inverse_std);                      \
     for (int64_t i = peak_channel * m; i < (peak_channel + 1) * m; i++)                         \

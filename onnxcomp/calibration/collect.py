@@ -67,8 +67,8 @@ class FetchSession:
     """
 
     def __init__(self, model: ir.Model, values: list[ir.Value], device: str, prefix: bool = False):
-        self.names = [v.name for v in values]
         self.inputs = {v.name for v in values if v.is_graph_input()}
+        self.fetch = [v.name for v in values if not v.is_graph_input()]
         fetched = [v for v in values if not v.is_graph_input()]
         self.session = None
         if prefix:
@@ -96,8 +96,7 @@ class FetchSession:
 
     def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
         """The exposed values on one batch."""
-        fetch = [n for n in self.names if n not in self.inputs]
-        results = dict(zip(fetch, self.session.run(fetch, feeds))) if fetch else {}
+        results = dict(zip(self.fetch, self.session.run(self.fetch, feeds))) if self.fetch else {}
         results.update({name: feeds[name] for name in self.inputs})
         return results
 

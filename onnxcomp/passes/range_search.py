@@ -65,8 +65,7 @@ class LayerErrors:
         if usable and inputs.cross is not None:
             m = weight_matrix(layer, self.w)
             self.drift = (inputs.gram - inputs.cross) @ m  # (groups, reduction, outputs)
-            cross = np.einsum("grn,grn->gn", inputs.cross @ m, m)
-            self.drift_error = _quadratic(inputs.gram, m) - 2.0 * cross + _quadratic(inputs.reference, m)
+            self.drift_error = _quadratic(inputs.gram, m) - 2.0 * _quadratic(inputs.cross, m) + _quadratic(inputs.reference, m)
 
     @property
     def uses_output(self) -> bool:

@@ -191,7 +191,7 @@ class RangeRegularizerBase(nn.Module):
 
     def _inputs(self) -> list[torch.Tensor]:
         weights = [layer.weight for layer in self._layers]
-        gammas = [norm.weight for norm in self._norms if norm is not None and norm.weight is not None]
+        gammas = [norm.weight for norm, has_gamma in zip(self._norms, self._has_gamma) if has_gamma]
         return [*weights, *gammas, *self.layer_params()]
 
     def forward(self) -> torch.Tensor:
@@ -227,7 +227,7 @@ class RangeRegularizerBase(nn.Module):
         given, layer_gammas, variances = iter(gammas), [], []
         for norm, has_gamma in zip(self._norms, self._has_gamma):
             variance = None if norm is None else _dense(norm.running_var, dtype)
-            layer_gammas.append(None if norm is None else _dense(next(given) if has_gamma else torch.ones_like(variance), dtype))
+            layer_gammas.append(None if norm is None else _dense(next(given) if has_gamma else self._gamma(norm), dtype))
             variances.append(variance)
         loss, grads, gamma_grads, dvalues = native.run(
             self.kernel, self._kernel_layers, sources, layer_gammas, variances,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import signal
 import sys
 import warnings
 from dataclasses import asdict
@@ -16,16 +18,42 @@ from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError, OnnxcompError
 
 
+def _fail(message: str, status: int = 2):
+    click.echo(f"onnxcomp: error: {message}", err=True)
+    sys.exit(status)
+
+
+def _terminate(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, so temporary files are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def _one_line_errors(func):
-    """Turn the project's errors into `onnxcomp: error: ...` and exit status 2."""
+    """Every failure as one line, `onnxcomp: error: ...`, exit status 2 (130 when interrupted).
+
+    The project's errors say what to do; the operating system's (a full disk, a read-only
+    folder) name the file; anything else is a bug in onnxcomp, said as such
+    (ONNXCOMP_TRACEBACK=1 shows the traceback)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return func(*args, **kwargs)
         except OnnxcompError as err:
-            click.echo(f"onnxcomp: error: {err}", err=True)
-            sys.exit(2)
+            _fail(str(err))
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was left half-written", 130)
+        except MemoryError:
+            _fail("out of memory; use fewer --calib-samples or a smaller --calib-batch, or a machine with more memory")
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            _fail(f"{where}{err.strerror or err}; check that the folder exists, is writable and has free space")
+        except Exception as err:
+            if os.environ.get("ONNXCOMP_TRACEBACK"):
+                raise
+            _fail(f"internal error ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
+                  "this is a bug in onnxcomp: rerun with ONNXCOMP_TRACEBACK=1 and report the traceback")
 
     return wrapper
 
@@ -87,6 +115,15 @@ def _compress_and_pack(source: Path, target: Path, config, calibration, progress
     report.totals["container size"] = packed
     report.totals["container ratio"] = round(packed / report.totals["file size before"], 4)
     return report
+
+
+def _check_container_name(target: Path, what: str) -> None:
+    """A container under an .onnx name would be handed to onnxruntime, which cannot open it."""
+    if target.suffix != ".onnxc":
+        raise ConfigError(
+            f"{what} writes an .onnxc container, which onnxruntime cannot open, but the output is named {target.name!r}; "
+            "name it *.onnxc (or drop the option for a plain .onnx model)"
+        )
 
 
 def _show_warnings(message, category, filename, lineno, file=None, line=None):
@@ -178,6 +215,7 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
     target = Path(output) if output else source.with_suffix(".onnxc" if entropy_code else f".q{bits}.onnx")
     warnings.showwarning = _show_warnings
     if entropy_code:
+        _check_container_name(target, "--entropy-code")
         report = _compress_and_pack(source, target, config, calibration, progress=not quiet)
     else:
         report = compress_file(source, target, config, calibration=calibration, progress=not quiet)
@@ -217,6 +255,7 @@ def pack(model, output):
     from onnxcomp.container.files import pack_file
 
     target = Path(output) if output else Path(model).with_suffix(".onnxc")
+    _check_container_name(target, "pack")
     before, after = pack_file(model, target)
     click.echo(f"wrote {target}: {after:,} bytes ({after / before:.3f} of {before:,})")
 

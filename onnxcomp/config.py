@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass
 
@@ -90,8 +91,8 @@ class QuantConfig:
             raise ConfigError(f"--range-objective {self.range_objective} is not supported; choose {', '.join(RANGE_OBJECTIVES)}")
         if not 0.0 < self.range_min < 1.0:
             raise ConfigError(f"--range-min {self.range_min} must be in (0, 1), for example 0.2")
-        if self.magr_alpha is not None and not self.magr_alpha > 0:
-            raise ConfigError(f"--magr-alpha {self.magr_alpha} must be positive, for example 1e-3")
+        if self.magr_alpha is not None and not 0 < self.magr_alpha < math.inf:
+            raise ConfigError(f"--magr-alpha {self.magr_alpha} must be positive and finite, for example 1e-3")
         if self.magr_iters < 1:
             raise ConfigError(f"--magr-iters {self.magr_iters} must be at least 1")
         if self.rounding not in ("nearest", "optq"):

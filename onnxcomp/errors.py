@@ -9,6 +9,10 @@ class InvalidModelError(OnnxcompError):
     """The input file is missing, unreadable, truncated or not a valid ONNX model."""
 
 
+class AlreadyQuantizedError(InvalidModelError):
+    """The input holds quantized weights or activations already."""
+
+
 class ConfigError(OnnxcompError):
     """An option value the tool cannot honour (bit width, block size, paths)."""
 
@@ -27,3 +31,7 @@ class InputMismatchError(OnnxcompError):
 
 class CalibrationError(OnnxcompError):
     """Calibration could not run: empty data, or NaN/Inf appearing inside the model."""
+
+
+class RuntimeFailure(OnnxcompError):
+    """onnxruntime refused to load or run a model."""

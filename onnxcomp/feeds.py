@@ -24,9 +24,16 @@ def input_specs(model: ir.Model) -> Specs:
             dtype = np.dtype(value.dtype.numpy())
         except (AttributeError, TypeError):
             raise InputMismatchError(f"input {value.name!r} has type {value.type}, which onnxcomp cannot feed") from None
-        shape = [] if value.shape is None else [d if isinstance(d, int) else (d.value if d is not None else None) for d in value.shape]
-        specs[value.name] = (dtype, shape)
+        specs[value.name] = (dtype, [] if value.shape is None else [_dim(d) for d in value.shape])
     return specs
+
+
+def _dim(d) -> int | str | None:
+    """A fixed size, a symbolic name, or None. Exporters write a free dimension as -1 or 0
+    as well as by name: only a positive size is fixed."""
+    if isinstance(d, int):
+        return d if d > 0 else None
+    return getattr(d, "value", None)
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -66,14 +73,41 @@ def check_feeds(feeds: dict[str, np.ndarray], specs: Specs, source: str) -> dict
     return feeds
 
 
+# Sizes synthetic inputs give free dimensions. Decoders tie their inputs' dimensions
+# together (attention_mask's total length is the past's plus the new tokens'), so named
+# dimensions are sized by what their names say.
+SYNTHETIC_SEQUENCE = 16
+SYNTHETIC_PAST = 8
+
+
+def synthetic_dim_size(dim: int | str | None, index: int, batch: int) -> int:
+    """A free dimension's size: the batch for a first axis or a name with "batch"; the past
+    length for "past…"; past plus new for "total…"/"present…"; a sum for "a + b" (as
+    optimum writes attention_mask's); the sequence length otherwise."""
+    if isinstance(dim, int):
+        return dim
+    if isinstance(dim, str) and "+" in dim:
+        return sum(synthetic_dim_size(term.strip(), 1, batch) for term in dim.split("+"))
+    name = (dim or "").lower()
+    if name.isdigit():
+        return int(name)
+    if "past" in name:
+        return SYNTHETIC_PAST
+    if "total" in name or "present" in name:
+        return SYNTHETIC_PAST + SYNTHETIC_SEQUENCE
+    if "batch" in name or index == 0:
+        return batch
+    return SYNTHETIC_SEQUENCE
+
+
 def synthetic_feeds(specs: Specs, int_bounds: dict[str, int], seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
     """Feeds from types and shapes alone: normal noise for floats; for integers, ids below the
-    row count of the table they index (`int_bounds`), else ones (masks). Free dimensions: the
-    first gets `batch`, the others 16."""
+    row count of the table they index (`int_bounds`), else ones (masks, positions). Free
+    dimensions are sized by `synthetic_dim_size`."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, (dtype, shape) in specs.items():
-        dims = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 16) for i, d in enumerate(shape)]
+        dims = [synthetic_dim_size(d, i, batch) for i, d in enumerate(shape)]
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:

@@ -73,34 +73,81 @@ def dequantize_layout(node: ir.Node) -> tuple[int | None, int | None]:
     return axis, (block if block > 0 else None)
 
 
+def layer_axes(node: ir.Node, index: int, rank: int) -> tuple[int, int] | None:
+    """(channel axis, reduction axis) of the weight a node reads at input `index`, or None
+    when that input is no layer weight. Conv: (M, C/g, k...) sums over C/g; ConvTranspose:
+    (C, M/g, k...) sums over C; an embedding table has one row per id."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op == "Conv" and index == 1:
+        return 0, 1
+    if op == "ConvTranspose" and index == 1:
+        return 1, 0
+    if op == "Gemm" and index == 1:
+        return (0, 1) if attr_int(node, "transB", 0) else (1, 0)
+    if op == "MatMul" and index == 1 and rank == 2:
+        return 1, 0
+    if op == "Gather" and index == 0 and rank == 2 and attr_int(node, "axis", 0) == 0:
+        return 0, 1
+    return None
+
+
 def weight_layer(node: ir.Node, include_quantized: bool = False) -> WeightLayer | None:
     """The layer view of one node, or None when it has no quantizable constant weight.
 
     With `include_quantized`, a weight that is already DequantizeLinear(initializers) counts too.
     """
-    if node.domain not in ("", "ai.onnx"):
+    index = 0 if node.op_type == "Gather" else 1
+    if len(node.inputs) <= index:
         return None
-    op = node.op_type
-    inputs = node.inputs
+    weight = node.inputs[index]
+    if not (constant_weight(weight) or (include_quantized and dequantized_constant(weight))):
+        return None
+    axes = layer_axes(node, index, len(weight.shape or ()))
+    return None if axes is None else WeightLayer(node, weight, *axes)
 
-    def usable(value: ir.Value | None) -> bool:
-        return constant_weight(value) or (include_quantized and dequantized_constant(value))
 
-    if op in ("Conv", "ConvTranspose") and len(inputs) > 1 and usable(inputs[1]):
-        # Conv: (M, C/g, k...) sums over C/g; ConvTranspose: (C, M/g, k...) sums over C.
-        if op == "Conv":
-            return WeightLayer(node, inputs[1], channel_axis=0, reduction_axis=1)
-        return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
-    if op == "Gemm" and len(inputs) > 1 and usable(inputs[1]):
-        if attr_int(node, "transB", 0):
-            return WeightLayer(node, inputs[1], channel_axis=0, reduction_axis=1)
-        return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
-    if op == "MatMul" and len(inputs) > 1 and usable(inputs[1]) and len(inputs[1].shape or ()) == 2:
-        return WeightLayer(node, inputs[1], channel_axis=1, reduction_axis=0)
-    if op == "Gather" and usable(inputs[0]) and len(inputs[0].shape or ()) == 2 and attr_int(node, "axis", 0) == 0:
-        # An embedding table: one scale per row, blocks along the embedding dimension.
-        return WeightLayer(node, inputs[0], channel_axis=0, reduction_axis=1)
+def _swaps_matrix(node: ir.Node) -> bool:
+    perm = node.attributes.get("perm")
+    return node.op_type == "Transpose" and (perm is None or list(perm.as_ints()) == [1, 0])
+
+
+def weight_consumers(weight: ir.Value) -> list[tuple[ir.Node, tuple[int, int] | None]]:
+    """Every node that reads `weight`, with the (channel, reduction) axes it reads it along
+    in the weight's own coordinates, or None where it is no layer. A matrix read through a
+    Transpose (a tied embedding feeding the logits MatMul) counts as read by the Transpose's
+    consumers, axes swapped back."""
+    rank = len(weight.shape or ())
+    found = []
+    for user, index in weight.uses():
+        if rank == 2 and _swaps_matrix(user) and not user.outputs[0].is_graph_output():
+            for reader, reader_index in user.outputs[0].uses():
+                axes = layer_axes(reader, reader_index, 2)
+                found.append((reader, None if axes is None else (axes[1], axes[0])))
+        else:
+            found.append((user, layer_axes(user, index, rank)))
+    return found
+
+
+def sharing_refusal(layer: WeightLayer) -> str | None:
+    """Why a weight read by several nodes cannot be quantized once for all of them (with one
+    DequantizeLinear), or None when it can: every reader is a layer reading it along the
+    same axes."""
+    readers = weight_consumers(layer.weight)
+    if len(readers) < 2:
+        return None
+    others = sorted({node.op_type for node, axes in readers if axes is None})
+    if others:
+        return f"weight shared by {len(readers)} nodes, not all layers ({', '.join(others)})"
+    if len({axes for _, axes in readers}) > 1:
+        return f"weight shared by {len(readers)} layers that read it along different axes"
     return None
+
+
+def shared(layer: WeightLayer) -> bool:
+    """True when other layers read this layer's weight too."""
+    return len(weight_consumers(layer.weight)) > 1
 
 
 def reduction_depth(layer: WeightLayer) -> int:
@@ -119,3 +166,23 @@ def find_weight_layers(graph: ir.Graph, include_quantized: bool = False) -> list
         for node in ir.traversal.RecursiveGraphIterator(graph)
         if (layer := weight_layer(node, include_quantized))
     ]
+
+
+# Operators that only a quantized model holds (ONNX's and onnxruntime's contrib ops).
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearSoftmax", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "MatMulNBits", "GatherBlockQuantized", "MatMulBnb4", "QAttention", "QOrderedMatMul",
+})
+
+
+def quantized_parts(graph: ir.Graph) -> dict[str, int]:
+    """What makes a graph already quantized: op type → count (DequantizeLinear counted
+    where it decodes a constant weight)."""
+    found: dict[str, int] = {}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        quantized = node.op_type in QUANTIZED_OPS or (node.op_type == "DequantizeLinear" and dequantized_constant(node.outputs[0]))
+        if quantized:
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    return found

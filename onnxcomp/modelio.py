@@ -42,6 +42,16 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def external_files(model: ir.Model) -> set[Path]:
+    """The resolved paths of the files the model's external tensors are read from."""
+    return {
+        Path(value.const_value.path).resolve()
+        for graph in model.graphs()
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+
+
 def check_output_path(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
     """Refuse an output that would overwrite the input or land in a missing folder."""
     path = Path(path).resolve()
@@ -59,8 +69,15 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, source: str | os.Pat
     (`<name>.data` beside the model). `source`, when given, must not be overwritten.
     """
     path = check_output_path(path, source)
-    external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
+    read = external_files(model)
+    # Weights that came as external data leave as external data, into the output's own file.
+    external = bool(read) or initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external and (path.parent / data_name).resolve() in read:
+        raise ConfigError(
+            f"the output's data file {path.parent / data_name} is a data file of the input, which writing would "
+            "destroy; choose another output name with -o"
+        )
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnxcomp-") as tmp:
         tmp_model = Path(tmp) / path.name
         ir.save(model, tmp_model, external_data=data_name if external else None)

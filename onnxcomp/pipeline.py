@@ -10,7 +10,10 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.config import QuantConfig
+from onnxcomp.errors import AlreadyQuantizedError
+from onnxcomp.layers import quantized_parts
 from onnxcomp.modelio import check_output_path, load_model, save_model
+from onnxcomp.passes.finite import check_computed_finite, nonfinite_initializers
 from onnxcomp.passes.fold_bn import FoldBatchNormPass
 from onnxcomp.passes.magr import MagrPass
 from onnxcomp.passes.normalize import NormalizePass
@@ -34,6 +37,17 @@ def build_passes(
     return passes + [RemoveUnusedNodesPass(), TopologicalSortPass()]
 
 
+def check_not_quantized(model: ir.Model) -> None:
+    """Quantizing codes again would only lose more: refuse a model that is quantized already."""
+    found = quantized_parts(model.graph)
+    if found:
+        parts = ", ".join(f"{count} {op}" for op, count in sorted(found.items()))
+        raise AlreadyQuantizedError(
+            f"the model is already quantized ({parts}); compress the float model it was made from, "
+            "or entropy-code it as it is with `onnxcomp pack`"
+        )
+
+
 def compress(
     model: ir.Model, config: QuantConfig, *, calibration: Calibration | None = None, progress: bool = False
 ) -> tuple[ir.Model, Report]:
@@ -42,10 +56,16 @@ def compress(
     `calibration` holds the data passes that need statistics use; by default, synthetic
     inputs (with a warning) where a pass needs data at all.
     """
+    check_not_quantized(model)
     calibration = calibration if calibration is not None else Calibration(progress=progress)
     report = Report()
+    allowed: set[str] = set()  # NaN/Inf the input itself holds where no layer multiplies it
     for pass_ in build_passes(config, report, calibration, progress):
         model = pass_(model).model
+        if isinstance(pass_, NormalizePass):
+            allowed = nonfinite_initializers(model)  # the lifted constants, as the model gave them
+        else:
+            check_computed_finite(model, getattr(pass_, "label", type(pass_).__name__), allowed)
     if calibration.label:
         report.totals["calibration"] = calibration.label
     return model, report

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from onnxcomp.errors import ConfigError
+from onnxcomp.errors import ConfigError, RuntimeFailure
 
 
 def session_options(accuracy_level: int | None = None) -> ort.SessionOptions:
@@ -35,10 +38,50 @@ def providers_for(device: str) -> list[str]:
     raise ConfigError(f"--device {device} is not supported; choose cpu or cuda")
 
 
+# onnxruntime's own exceptions (Fail, InvalidArgument, InvalidGraph, ...) derive from
+# Exception directly; its Python layer raises ValueError and RuntimeError as well.
+ORT_ERRORS = (RuntimeError, ValueError) + tuple(
+    cls for cls in vars(_ort_state).values() if isinstance(cls, type) and issubclass(cls, Exception)
+)
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (onnxruntime's run to pages)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _with_free_dims(path: str | os.PathLike) -> bytes | None:
+    """The model at `path` with graph-input and -output dimensions declared -1 or 0 made
+    free (onnxruntime takes 0 as fixed and empty), or None when it declares none."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a readable model: onnxruntime's own error says so
+        return None
+    dims = [d for v in (*proto.graph.input, *proto.graph.output) for d in v.type.tensor_type.shape.dim]
+    unset = [d for d in dims if d.HasField("dim_value") and d.dim_value <= 0]
+    for dim in unset:
+        dim.Clear()
+    return proto.SerializeToString() if unset else None
+
+
 def make_session(path: str | os.PathLike, accuracy_level: int | None = None, device: str = "cpu") -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), session_options(accuracy_level), providers=providers_for(device))
+    options = session_options(accuracy_level)
+    try:
+        patched = _with_free_dims(path)
+        if patched is not None:  # external data stays where the file's folder says
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(Path(path).resolve().parent)
+            )
+        return ort.InferenceSession(patched or str(path), options, providers=providers_for(device))
+    except ORT_ERRORS as err:
+        raise RuntimeFailure(f"{path}: onnxruntime cannot load it ({first_line(err)})") from None
 
 
-def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], what: str = "the model") -> dict[str, np.ndarray]:
+    """Every output of `session` on `feeds`, by name; onnxruntime's failure as one line."""
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    try:
+        return dict(zip(names, session.run(names, feeds)))
+    except ORT_ERRORS as err:
+        raise RuntimeFailure(f"onnxruntime could not run {what}: {first_line(err)}") from None

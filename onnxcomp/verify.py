@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp import feeds as feeds_mod
+from onnxcomp.errors import InputMismatchError
 from onnxcomp.modelio import load_model
 from onnxcomp.runtime import make_session, run
 
@@ -51,6 +52,24 @@ def feeds_for(reference: ir.Model, inputs: str | os.PathLike | None) -> tuple[di
     return feeds_mod.synthetic_feeds(specs, feeds_mod.index_bounds(reference)), "synthetic"
 
 
+def candidate_feeds(feeds: dict[str, np.ndarray], reference: ir.Model, candidate: ir.Model, path) -> dict[str, np.ndarray]:
+    """The reference's feeds as the candidate takes them: the same names and kinds, float
+    inputs cast to the candidate's float type (an FP16 model checked against FP32)."""
+    want, have = feeds_mod.input_specs(reference), feeds_mod.input_specs(candidate)
+    if set(want) != set(have):
+        raise InputMismatchError(
+            f"{path}: its inputs {sorted(have)} differ from the reference's {sorted(want)}; "
+            "verify compares two versions of one model"
+        )
+    cast = {}
+    for name, array in feeds.items():
+        dtype = have[name][0]
+        if dtype != array.dtype and not (np.issubdtype(dtype, np.floating) and np.issubdtype(array.dtype, np.floating)):
+            raise InputMismatchError(f"{path}: input {name!r} is {dtype}, the reference's is {array.dtype}")
+        cast[name] = array.astype(dtype, copy=False)
+    return cast
+
+
 def verify(
     reference: str | os.PathLike,
     candidate: str | os.PathLike,
@@ -60,9 +79,15 @@ def verify(
 ) -> tuple[list[OutputFidelity], str]:
     """Run both models on the same feeds; fidelity per output of the reference."""
     reference_model = load_model(reference)
-    load_model(candidate)  # a clear error for a bad file before onnxruntime's own
+    candidate_model = load_model(candidate)  # a clear error for a bad file before onnxruntime's own
+    feeds, source = feeds_for(reference_model, inputs)
+    cand_feeds = candidate_feeds(feeds, reference_model, candidate_model, candidate)
     ref_session = make_session(reference, accuracy_level, device)
     cand_session = make_session(candidate, accuracy_level, device)
-    feeds, source = feeds_for(reference_model, inputs)
-    ref_out, cand_out = run(ref_session, feeds), run(cand_session, feeds)
+    missing = sorted({o.name for o in ref_session.get_outputs()} - {o.name for o in cand_session.get_outputs()})
+    if missing:
+        raise InputMismatchError(f"{candidate}: has no output {', '.join(map(repr, missing))} that the reference has")
+    hint = "; pass --inputs with real inputs" if source == "synthetic" else ""
+    ref_out = run(ref_session, feeds, f"{reference} on {source} inputs{hint}")
+    cand_out = run(cand_session, cand_feeds, f"{candidate} on {source} inputs{hint}")
     return [fidelity(name, ref_out[name], cand_out[name]) for name in ref_out], source

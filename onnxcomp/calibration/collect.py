@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from onnxcomp.calibration.sources import CalibrationSet, Feeds
 from onnxcomp.calibration.statistics import ActivationStatistics, Gram, LayerStatistics
-from onnxcomp.errors import CalibrationError
+from onnxcomp.errors import CalibrationError, RuntimeFailure
 from onnxcomp.layer_matrix import UnsupportedLayer, input_rows
 from onnxcomp.layers import WeightLayer, attr_int, reduction_depth
-from onnxcomp.runtime import providers_for
+from onnxcomp.runtime import ORT_ERRORS, first_line, providers_for
 
 # Input rows expanded at once (im2col multiplies a convolution's input by its kernel size).
 _ROWS_CHUNK_ELEMENTS = 1 << 24
@@ -66,7 +66,11 @@ class FetchSession:
     decodes dequantized weights once, at load, instead of fusing them into integer kernels.
     """
 
-    def __init__(self, model: ir.Model, values: list[ir.Value], device: str, prefix: bool = False):
+    def __init__(self, model: ir.Model, values: list[ir.Value], device: str, prefix: bool = False, synthetic: bool = False):
+        self.hint = (
+            "; synthetic inputs are made from the input types alone and may not fit this model: pass --calib "
+            "with real inputs" if synthetic else "; check the calibration inputs against what the model expects"
+        )
         self.inputs = {v.name for v in values if v.is_graph_input()}
         self.fetch = [v.name for v in values if not v.is_graph_input()]
         fetched = [v for v in values if not v.is_graph_input()]
@@ -92,11 +96,17 @@ class FetchSession:
                 options.add_session_config_entry("session.disable_quant_qdq", "1")
                 # Sessions that take turns: idle threads spinning would slow the other one.
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+            try:
+                self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+            except ORT_ERRORS as err:
+                raise RuntimeFailure(f"onnxruntime cannot load the model for calibration ({first_line(err)})") from None
 
     def run(self, feeds: Feeds) -> dict[str, np.ndarray]:
         """The exposed values on one batch."""
-        results = dict(zip(self.fetch, self.session.run(self.fetch, feeds))) if self.fetch else {}
+        try:
+            results = dict(zip(self.fetch, self.session.run(self.fetch, feeds))) if self.fetch else {}
+        except ORT_ERRORS as err:
+            raise CalibrationError(f"onnxruntime could not run the model on calibration inputs ({first_line(err)}){self.hint}") from None
         results.update({name: feeds[name] for name in self.inputs})
         return results
 
@@ -176,7 +186,7 @@ def collect(
     first = next(batches, None)
     if first is None:
         raise CalibrationError(f"calibration set {calibration.label} is empty; give it at least one sample")
-    probe = FetchSession(model, wanted, device)
+    probe = FetchSession(model, wanted, device, synthetic=calibration.synthetic)
     one = probe.run({name: array[:1] for name, array in first.items()})
     sizes = {v: one[v.name].nbytes * _count(first) for v in wanted}
     groups = _groups_within(sizes, memory_budget)
@@ -186,7 +196,7 @@ def collect(
     total = calibration.samples * len(groups) if calibration.samples else None
     with tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False, mininterval=0, miniters=1) as bar:
         for index, group in enumerate(groups):
-            session = probe if len(groups) == 1 else FetchSession(model, group, device)
+            session = probe if len(groups) == 1 else FetchSession(model, group, device, synthetic=calibration.synthetic)
             stream = itertools.chain([first], batches) if index == 0 else calibration.batches()
             for number, feeds in enumerate(stream):
                 results = session.run(feeds)

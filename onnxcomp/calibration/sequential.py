@@ -75,8 +75,9 @@ class SequentialStatistics:
             self.measured[layer.node] = shared or PairedGram(layer.groups, reduction_depth(layer))
             readers.append(layer)
         unique = list({id(self.measured[r.node]): r for r in readers}.values())
-        current = FetchSession(model, [value], self.device, prefix=True)
-        reference = FetchSession(self.reference, [value], self.device, prefix=True)  # found there by name
+        synthetic = self.calibration.synthetic
+        current = FetchSession(model, [value], self.device, prefix=True, synthetic=synthetic)
+        reference = FetchSession(self.reference, [value], self.device, prefix=True, synthetic=synthetic)  # found by name
         total = self.calibration.samples or None
         with tqdm(total=total, desc=f"calibrate {value.name}", unit="sample", disable=not self.progress, leave=False) as bar:
             for number, feeds in enumerate(self.calibration.batches()):

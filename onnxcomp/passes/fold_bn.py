@@ -19,6 +19,7 @@ from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_gemm_rule,
 )
 
+from onnxcomp.errors import NonFiniteWeightError
 from onnxcomp.layers import constant_weight
 from onnxcomp.report import Report
 
@@ -26,12 +27,28 @@ _LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _FOLDABLE = (*_LAYERS, "Add")
 
 
+def _epsilon(bn: ir.Node) -> float:
+    attr = bn.attributes.get("epsilon")
+    return 1e-5 if attr is None else attr.as_float()
+
+
 def _bn_scale_shift(bn: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     gamma, beta, mean, var = (v.const_value.numpy().astype(np.float64) for v in bn.inputs[1:5])
-    eps_attr = bn.attributes.get("epsilon")
-    eps = 1e-5 if eps_attr is None else eps_attr.as_float()
-    scale = gamma / np.sqrt(var + eps)
+    scale = gamma / np.sqrt(var + _epsilon(bn))
     return scale, beta, mean
+
+
+def _check_variance(bn: ir.Node) -> None:
+    """A negative running variance makes the model itself compute NaN: refuse it by name."""
+    if len(bn.inputs) < 5 or bn.inputs[4] is None or bn.inputs[4].const_value is None:
+        return
+    var = bn.inputs[4].const_value.numpy().astype(np.float64)
+    bad = int(np.count_nonzero(~(var + _epsilon(bn) > 0)))
+    if bad:
+        raise NonFiniteWeightError(
+            f"BatchNormalization {bn.name or bn.outputs[0].name!r} has {bad} channel(s) whose running variance plus "
+            "epsilon is not positive, so the model computes NaN there; fix the model's statistics before compressing"
+        )
 
 
 def _only_used_by(value: ir.Value, nodes: set[ir.Node]) -> bool:
@@ -130,6 +147,8 @@ def refusal_reason(bn: ir.Node) -> str:
 class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold every BatchNormalization that a weight can absorb; note why the others stay."""
 
+    label = "fold-bn"
+
     def __init__(self, report: Report):
         super().__init__()
         self.report = report
@@ -138,10 +157,12 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         before = len(_batchnorms(model))
         if before == 0:
             return ir.passes.PassResult(model, modified=False)
+        for node in _batchnorms(model):
+            _check_variance(node)
         ShapeInferencePass()(model)  # MatMul folds need to know their output is rank 2
         names = _absorbing_names(model)
         RULES.apply_to_model(model)
-        _restore_names(names)
+        _restore_names(model, names)
         left = _batchnorms(model)
         folded = before - len(left)
         if folded:
@@ -158,25 +179,27 @@ def _behind_bias_add(node: ir.Node | None) -> ir.Node | None:
     return node
 
 
-def _absorbing_names(model: ir.Model) -> list[tuple[ir.Node, int, str]]:
-    """For each BatchNormalization, one (consumer, input index) of its output and the name of
-    the layer before it, so the rewritten layer can keep the name the user knows."""
-    found = []
+def _absorbing_names(model: ir.Model) -> dict[str, str]:
+    """For each BatchNormalization, its output's name and the name of the layer before it.
+
+    The rewrite gives the fused layer's output the BatchNormalization output's name, so the
+    fused layer can be found by that name afterwards and keep the name the user knows (the
+    nodes around it may have been rewritten too, so no node is held across the rewrite)."""
+    found = {}
     for node in _batchnorms(model):
-        if node.inputs[0].producer() is None:
-            continue
         producer = _behind_bias_add(node.inputs[0].producer())
-        uses = list(node.outputs[0].uses())
-        if uses and producer.name:
-            found.append((uses[0][0], uses[0][1], producer.name))
+        if producer is not None and producer.name and node.outputs[0].name:
+            found[node.outputs[0].name] = producer.name
     return found
 
 
-def _restore_names(found: list[tuple[ir.Node, int, str]]) -> None:
-    for consumer, index, name in found:
-        new = _behind_bias_add(consumer.inputs[index].producer())
-        if new is not None and new.op_type in _LAYERS:
-            new.name = name
+def _restore_names(model: ir.Model, found: dict[str, str]) -> None:
+    for node in model.graph.all_nodes():
+        for value in node.outputs:
+            if value.name in found:
+                layer = _behind_bias_add(node)
+                if layer is not None and layer.op_type in _LAYERS:
+                    layer.name = found[value.name]
 
 
 def _batchnorms(model: ir.Model) -> list[ir.Node]:

@@ -13,7 +13,7 @@ from onnxcomp.calibration.analysis import Calibration, CalibrationWarning
 from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.kernels.magr import magr
 from onnxcomp.layer_matrix import relative_output_error, weight_from_matrix, weight_matrix
-from onnxcomp.layers import WeightLayer, find_weight_layers
+from onnxcomp.layers import WeightLayer, find_weight_layers, shared
 from onnxcomp.passes.quantize_weights import layout, skip_reason
 from onnxcomp.report import MagrRecord, Report
 
@@ -46,6 +46,10 @@ def _block_rows(layer: WeightLayer, block_size: int | None, reduction: int) -> t
 
 
 class MagrPass(ir.passes.InPlacePass):
+    """MagR on every layer with input statistics: smaller weight magnitudes, the same outputs."""
+
+    label = "magr"
+
     def __init__(self, config: QuantConfig, calibration: Calibration, report: Report, device: str = "cpu", progress: bool = False):
         super().__init__()
         self.config = config
@@ -55,7 +59,10 @@ class MagrPass(ir.passes.InPlacePass):
         self.progress = progress
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        layers = [l for l in find_weight_layers(model.graph) if l.data is not None and skip_reason(l, self.config) is None]
+        layers = [
+            l for l in find_weight_layers(model.graph)
+            if l.data is not None and skip_reason(l, self.config) is None and not shared(l)  # one input's statistics
+        ]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
         stats = self.calibration.statistics(model, "--magr", layers=layers)

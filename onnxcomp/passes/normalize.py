@@ -1,15 +1,14 @@
-"""normalize: weights become main-graph initializers, every weight is finite, and the opset
+"""normalize: weights become main-graph initializers, every weight to quantize is finite, and the opset
 is raised only as far as the emitted DequantizeLinear needs."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, LiftSubgraphInitializersToMainGraphPass
 
-from onnxcomp.errors import NonFiniteWeightError, OpsetConversionError
-from onnxcomp.layers import FLOAT_TYPES
+from onnxcomp.errors import OpsetConversionError
+from onnxcomp.passes.finite import check_layer_weights
 from onnxcomp.report import Report
 
 # The lowest IR version that carries the element types an opset's DequantizeLinear takes.
@@ -20,20 +19,6 @@ def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
-def check_finite(model: ir.Model) -> None:
-    """Refuse a model with NaN or Inf in any float initializer, naming the first one."""
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None or value.dtype not in FLOAT_TYPES:
-            continue
-        array = tensor.numpy()
-        if not np.isfinite(array).all():
-            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-            raise NonFiniteWeightError(
-                f"weight {value.name!r} holds {bad} NaN/Inf value(s); fix the model (or its training) before compressing"
-            )
-
-
 # Initializers larger than this cross the version converter as references, not bytes.
 _PLACEHOLDER_BYTES = 1024
 _PLACEHOLDER = "onnxcomp-weight-kept-in-memory"
@@ -42,15 +27,20 @@ _PLACEHOLDER = "onnxcomp-weight-kept-in-memory"
 def _serialize_without_weights(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol]]:
     """The model's proto with each large initializer's data left out (an external-data
     reference stands in for it: no converter rule rewrites existing weights), and the
-    tensors left out, by name."""
+    tensors left out, by name. Small tensors stored as external data are read into memory
+    first: in the proto their relative location would lose the folder it is relative to."""
     kept = {}
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
-        if tensor is not None and tensor.nbytes > _PLACEHOLDER_BYTES:
+        if tensor is None:
+            continue
+        if tensor.nbytes > _PLACEHOLDER_BYTES:
             kept[name] = tensor
             value.const_value = ir.ExternalTensor(
                 _PLACEHOLDER, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name
             )
+        elif isinstance(tensor, ir.ExternalTensor):
+            value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
     try:
         return ir.serde.serialize_model(model), kept
     finally:
@@ -80,9 +70,23 @@ def raise_opset(model: ir.Model, target: int) -> bool:
     return True
 
 
+def free_unset_dims(model: ir.Model) -> list[str]:
+    """Exporters also write a free dimension as -1 or 0; onnxruntime takes a 0 as a fixed,
+    empty dimension, so such a model would not run on real inputs. The graph inputs and
+    outputs with such dimensions get free ones instead; their names are returned."""
+    changed = []
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        if value.shape is not None and any(isinstance(d, int) and d <= 0 for d in value.shape):
+            value.shape = ir.Shape([ir.SymbolicDim(None) if isinstance(d, int) and d <= 0 else d for d in value.shape])
+            changed.append(value.name)
+    return changed
+
+
 class NormalizePass(ir.passes.InPlacePass):
     """Lift Constant-node weights (subgraphs too) to main-graph initializers, check that
-    every weight is finite, and raise the opset to `target_opset` if it is lower."""
+    every weight to quantize is finite, and raise the opset to `target_opset` if it is lower."""
+
+    label = "normalize"
 
     def __init__(self, target_opset: int, report: Report):
         super().__init__()
@@ -95,8 +99,11 @@ class NormalizePass(ir.passes.InPlacePass):
         lifted |= LiftSubgraphInitializersToMainGraphPass()(model).modified
         if lifted:
             self.report.note("normalize", "constants", "Constant nodes lifted to initializers")
-        check_finite(model)
+        check_layer_weights(model)
+        freed = free_unset_dims(model)
+        if freed:
+            self.report.note("normalize", "shapes", f"dimensions declared -1 or 0 made free on {', '.join(freed)}")
         raised = raise_opset(model, self.target_opset)
         if raised:
             self.report.note("normalize", "opset", f"raised from {before} to {self.target_opset}")
-        return ir.passes.PassResult(model, modified=lifted or raised)
+        return ir.passes.PassResult(model, modified=lifted or raised or bool(freed))

@@ -79,6 +79,8 @@ def _add_zero_point(graph: ir.Graph, names: NameAllocator, dequantize: ir.Node) 
 class QuantizeActivationsPass(ir.passes.InPlacePass):
     """Insert x → QuantizeLinear → DequantizeLinear → (every former user of x)."""
 
+    label = "quantize-activations"
+
     def __init__(self, config: QuantConfig, calibration: Calibration, report: Report):
         super().__init__()
         self.config = config

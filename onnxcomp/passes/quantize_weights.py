@@ -18,7 +18,7 @@ from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.quantize import Grid, Quantized, dequantize, grid_for, quantize, relative_mse
 from onnxcomp.layer_matrix import relative_output_error
-from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth
+from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth, shared, sharing_refusal, weight_consumers
 from onnxcomp.passes.bias_correction import correct_bias
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 from onnxcomp.passes.optq import OptqJob, optq_quantize_all
@@ -48,9 +48,9 @@ def skip_reason(layer: WeightLayer, config: QuantConfig) -> str | None:
     size = int(np.prod(layer.weight.shape))
     if size < config.min_elements:
         return f"{size} elements < --min-elements {config.min_elements}"
-    users = {user for user, _ in layer.weight.uses()}
-    if len(users) > 1:
-        return f"weight shared by {len(users)} nodes"
+    sharing = sharing_refusal(layer)
+    if sharing:
+        return sharing
     depth = reduction_depth(layer)
     if config.act_bits and layer.data is not None and depth < config.act_min_depth:
         # onnxruntime runs such layers (a first conv over 1-3 channels, depthwise convs)
@@ -153,6 +153,12 @@ class _Planned:
     output_error: float | None = None
 
 
+def _one_per_weight(layers: list[WeightLayer]) -> list[WeightLayer]:
+    """The first layer reading each weight: a weight several layers share is quantized once."""
+    seen: set[ir.Value] = set()
+    return [layer for layer in layers if not (layer.weight in seen or seen.add(layer.weight))]
+
+
 def _joined(*notes: str) -> str:
     """Report notes, the empty ones left out."""
     return "; ".join(filter(None, notes))
@@ -165,6 +171,8 @@ OPTQ_WINDOW_ELEMENTS = 1 << 25
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """Replace each quantizable weight W of a layer by DequantizeLinear(Q(W))."""
 
+    label = "quantize-weights"
+
     def __init__(self, config: QuantConfig, report: Report, progress: bool = False, calibration: Calibration | None = None):
         super().__init__()
         self.config = config
@@ -174,8 +182,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        layers = find_weight_layers(graph)
+        layers = _one_per_weight(find_weight_layers(graph))
         check_block_size(layers, self.config)
+        alone = [layer for layer in layers if not shared(layer)]  # a shared weight has no one input to measure
         grams = {}
         real_data = self.calibration is not None and self.calibration.user_data
         objective = self.config.range_objective
@@ -188,10 +197,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if sequential:  # measured layer by layer, as the layers before are quantized
             calibration = self.calibration
             dataset = calibration.dataset(model, "--range-objective sequential")
-            measure = SequentialStatistics(model, dataset, layers, calibration.device, calibration.progress)
+            measure = SequentialStatistics(model, dataset, alone, calibration.device, calibration.progress)
         elif self.calibration is not None and (real_data or optq):
             purpose = "--rounding optq" if optq else "the output error of each layer"
-            stats = self.calibration.statistics(model, purpose, layers=[l for l in layers if l.data is not None])
+            stats = self.calibration.statistics(model, purpose, layers=[l for l in alone if l.data is not None])
             grams = {node: record.gram for node, record in stats.layers.items()}
         names = NameAllocator(graph)
         edge = {id(layers[0]), id(layers[-1])} if layers and self.config.keep_first_last_bits else set()
@@ -203,7 +212,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if layer.node.op_type == "Gather" and self.config.gather_bits:
                 bits = self.config.gather_bits
             paired = None
-            if sequential and not skip_reason(layer, self.config):
+            if sequential and not skip_reason(layer, self.config) and not shared(layer):
                 if window:  # the layers before this one must be quantized in the graph first
                     self._round_together(graph, names, window, bar)
                     window, held = [], 0
@@ -287,8 +296,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         dq_out = emit_dequantize(graph, names, layer, qt, planned.bits)
         if planned.sqrt:
             dq_out = emit_sqrt_decode(graph, names, layer, dq_out)
-        index = next(i for i, v in enumerate(layer.node.inputs) if v is layer.weight)
-        layer.node.replace_input_with(index, dq_out)
+        readers = weight_consumers(layer.weight)
+        if len(readers) > 1:
+            planned.note = _joined(planned.note, f"one DequantizeLinear read by {len(readers)} layers "
+                                                 f"({', '.join(node.op_type for node, _ in readers)})")
+        ir.convenience.replace_all_uses_with(layer.weight, dq_out)
         if not list(layer.weight.uses()) and layer.weight.name in graph.initializers:
             graph.initializers.pop(layer.weight.name)
         record.bits = planned.bits

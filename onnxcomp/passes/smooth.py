@@ -19,7 +19,7 @@ from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.calibration.statistics import ActivationStatistics
 from onnxcomp.config import QuantConfig
 from onnxcomp.layer_matrix import weight_from_matrix, weight_matrix
-from onnxcomp.layers import WeightLayer, find_weight_layers
+from onnxcomp.layers import WeightLayer, find_weight_layers, shared
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 from onnxcomp.passes.quantize_weights import skip_reason
 from onnxcomp.report import Report
@@ -67,13 +67,17 @@ def smoothable_groups(graph: ir.Graph, config: QuantConfig) -> dict[ir.Value, li
     for layer in find_weight_layers(graph):
         if layer.node.op_type not in ("MatMul", "Gemm") or layer.node.graph is not graph:
             continue
-        if skip_reason(layer, config) is not None:
+        if skip_reason(layer, config) is not None or shared(layer):  # scaling it would change the other readers
             continue
         groups.setdefault(layer.data, []).append(layer)
     return groups
 
 
 class SmoothActivationsPass(ir.passes.InPlacePass):
+    """Migrate activation outlier channels into the MatMul/Gemm weights that read them."""
+
+    label = "smooth"
+
     def __init__(self, config: QuantConfig, calibration: Calibration, report: Report):
         super().__init__()
         self.config = config

@@ -150,6 +150,24 @@ def shared(layer: WeightLayer) -> bool:
     return len(weight_consumers(layer.weight)) > 1
 
 
+def computed_weight_sources(graph: ir.Graph) -> dict[str, int]:
+    """Layers whose weight the graph computes instead of storing it (a Conv's weight from
+    ConstantOfShape, a graph input): what computes it → how many such layers. A MatMul of
+    two activations (attention) is no layer and is not counted."""
+    found: dict[str, int] = {}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight is None or weight_layer(node) is not None:
+            continue
+        producer = weight.producer()
+        source = producer.op_type if producer is not None else "a graph input"
+        if node.op_type in ("Conv", "ConvTranspose") or source == "ConstantOfShape":
+            found[source] = found.get(source, 0) + 1
+    return found
+
+
 def reduction_depth(layer: WeightLayer) -> int:
     """How many products each output of the layer sums (per group, kernel included)."""
     shape = layer.weight.shape

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,15 @@ from onnxcomp.runtime import make_session, run
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 sys.path.insert(0, str(ROOT / "scripts"))
+
+# What the zoo tests saw, said once at the end of the run.
+ZOO_TALLY: collections.Counter = collections.Counter()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if ZOO_TALLY:
+        counts = ", ".join(f"{ZOO_TALLY[key]} {key}" for key in ("compressed", "unchanged", "refused", "tracebacks"))
+        terminalreporter.write_line(f"zoo runs: {counts}")
 
 
 @pytest.fixture(scope="session")

@@ -167,8 +167,16 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         folded = before - len(left)
         if folded:
             self.report.note("fold-bn", "BatchNormalization", f"{folded} of {before} folded into the layer before")
+        by_reason: dict[str, list[str]] = {}
         for node in left:
-            self.report.note("fold-bn", node.name or "BatchNormalization", "left in place: " + refusal_reason(node))
+            by_reason.setdefault(refusal_reason(node), []).append(node.name or node.outputs[0].name)
+        for reason, names in by_reason.items():
+            if len(names) <= 3:
+                for name in names:
+                    self.report.note("fold-bn", name, "left in place: " + reason)
+            else:
+                self.report.note("fold-bn", f"{len(names)} BatchNormalization", f"left in place: {reason} "
+                                                                               f"({', '.join(names[:3])}, ...)")
         return ir.passes.PassResult(model, modified=folded > 0)
 
 

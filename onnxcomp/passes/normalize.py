@@ -8,6 +8,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, LiftSubgraphInitializersToMainGraphPass
 
 from onnxcomp.errors import OpsetConversionError
+from onnxcomp.layers import find_weight_layers
 from onnxcomp.passes.finite import check_layer_weights
 from onnxcomp.report import Report
 
@@ -53,7 +54,8 @@ def raise_opset(model: ir.Model, target: int) -> bool:
     current = default_opset(model)
     if current >= target:
         return False
-    proto, kept = _serialize_without_weights(model)
+    model.ir_version = max(model.ir_version, _IR_VERSION_FOR_OPSET.get(target, model.ir_version))
+    proto, kept = _serialize_without_weights(model)  # IR 3 would want the weights as graph inputs again
     try:
         converted = onnx.version_converter.convert_version(proto, target)
     except Exception as err:
@@ -66,8 +68,17 @@ def raise_opset(model: ir.Model, target: int) -> bool:
     for name, tensor in kept.items():
         fresh.graph.initializers[name].const_value = tensor
     model.graph = fresh.graph
-    model.ir_version = max(model.ir_version, _IR_VERSION_FOR_OPSET.get(target, model.ir_version))
     return True
+
+
+def weights_as_constants(model: ir.Model) -> int:
+    """Initializers also listed as graph inputs (IR 3 required it, and exporters kept doing
+    it) are overridable defaults in ONNX's terms; a trained model's weights are meant as
+    constants, so they leave the inputs. Returns how many did."""
+    inputs = [v for v in model.graph.inputs if v.is_initializer()]
+    for value in inputs:
+        model.graph.inputs.remove(value)
+    return len(inputs)
 
 
 def free_unset_dims(model: ir.Model) -> list[str]:
@@ -99,11 +110,17 @@ class NormalizePass(ir.passes.InPlacePass):
         lifted |= LiftSubgraphInitializersToMainGraphPass()(model).modified
         if lifted:
             self.report.note("normalize", "constants", "Constant nodes lifted to initializers")
+        constants = weights_as_constants(model)
+        if constants:
+            self.report.note("normalize", "inputs", f"{constants} weight(s) declared as graph inputs too (an older "
+                                                    "exporters' habit) are constants in the output")
         check_layer_weights(model)
         freed = free_unset_dims(model)
         if freed:
             self.report.note("normalize", "shapes", f"dimensions declared -1 or 0 made free on {', '.join(freed)}")
-        raised = raise_opset(model, self.target_opset)
+        raised = False
+        if find_weight_layers(model.graph):  # no layer to quantize, no opset to raise
+            raised = raise_opset(model, self.target_opset)
         if raised:
             self.report.note("normalize", "opset", f"raised from {before} to {self.target_opset}")
-        return ir.passes.PassResult(model, modified=lifted or raised or bool(freed))
+        return ir.passes.PassResult(model, modified=lifted or raised or bool(freed) or constants > 0)

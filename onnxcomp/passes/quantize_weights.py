@@ -18,7 +18,7 @@ from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.quantize import Grid, Quantized, dequantize, grid_for, quantize, relative_mse
 from onnxcomp.layer_matrix import relative_output_error
-from onnxcomp.layers import WeightLayer, find_weight_layers, reduction_depth, shared, sharing_refusal, weight_consumers
+from onnxcomp.layers import WeightLayer, computed_weight_sources, find_weight_layers, reduction_depth, shared, sharing_refusal, weight_consumers
 from onnxcomp.passes.bias_correction import correct_bias
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 from onnxcomp.passes.optq import OptqJob, optq_quantize_all
@@ -183,6 +183,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         layers = _one_per_weight(find_weight_layers(graph))
+        computed = computed_weight_sources(graph)
+        if computed:
+            sources = ", ".join(f"{count} from {source}" for source, count in sorted(computed.items()))
+            self.report.note("quantize-weights", "layers", f"left float: weights the graph computes ({sources})")
+        if not layers:
+            self.report.note("quantize-weights", "model", "nothing to quantize: no Conv, ConvTranspose, Gemm, MatMul or "
+                                                          "Gather reads a stored float weight; the model is left as it is")
         check_block_size(layers, self.config)
         alone = [layer for layer in layers if not shared(layer)]  # a shared weight has no one input to measure
         grams = {}

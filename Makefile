@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-MINILM := build/minilm/minilm.onnx
+MINILM := build/zoo/minilm/minilm.onnx
 
 .PHONY: setup demo test minilm clean
 
@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 $(MINILM): $(STAMP) scripts/export_minilm.py models/sentences_eval.txt models/sentences_calib.txt
-	$(PY) scripts/export_minilm.py --out build/minilm
+	$(PY) scripts/export_minilm.py --out build/zoo/minilm
 
 minilm: $(MINILM)
 

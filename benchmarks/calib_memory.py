@@ -52,7 +52,7 @@ def digits_npz(path: Path) -> None:
 
 
 def minilm_npz(path: Path) -> None:
-    data = dict(np.load(ROOT / "build" / "minilm" / "calib.npz"))
+    data = dict(np.load(ROOT / "build" / "zoo" / "minilm" / "calib.npz"))
     np.savez(path, **{k: np.concatenate([v] * 8) for k, v in data.items()})
 
 
@@ -62,7 +62,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         cases = [("digits CNN", ROOT / "models" / "digits_cnn.onnx", Path(tmp) / "digits.npz", digits_npz),
-                 ("MiniLM", ROOT / "build" / "minilm" / "minilm.onnx", Path(tmp) / "minilm.npz", minilm_npz)]
+                 ("MiniLM", ROOT / "build" / "zoo" / "minilm" / "minilm.onnx", Path(tmp) / "minilm.npz", minilm_npz)]
         print(f"{'model':12} {'samples':>8} {'seconds':>8} {'RSS before MiB':>15} {'peak RSS MiB':>13} {'growth MiB':>11} {'Gram MiB':>9}")
         for name, model, calib, make in cases:
             make(calib)

@@ -1,8 +1,8 @@
 """onnxcomp against onnxruntime's own quantizers, side by side on one model, one calibration
 set and one evaluation set.
 
-    python benchmarks/compare.py --model build/minilm/minilm.onnx --calib build/minilm/calib.npz \\
-        --eval build/minilm/eval.npz --plot minilm_frontier.png
+    python benchmarks/compare.py --model build/zoo/minilm/minilm.onnx --calib build/zoo/minilm/calib.npz \\
+        --eval build/zoo/minilm/eval.npz --plot minilm_frontier.png
     python benchmarks/compare.py --model models/digits_cnn.onnx --calib models/digits_calib.npz \\
         --eval models/digits_eval.npz --labels models/digits_eval_labels.npy
 

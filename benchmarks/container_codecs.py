@@ -43,7 +43,7 @@ CODECS = {
 
 
 def main() -> None:
-    cases = [("MiniLM", ROOT / "build" / "minilm" / "minilm.onnx", bits) for bits in (8, 4, 2)]
+    cases = [("MiniLM", ROOT / "build" / "zoo" / "minilm" / "minilm.onnx", bits) for bits in (8, 4, 2)]
     cases.append(("digits CNN", ROOT / "models" / "digits_cnn.onnx", 4))
     print(f"{'model':12} {'bits':>4} {'codec':13} {'bytes':>12} {'of QDQ':>7} {'encode Mw/s':>12} {'decode Mw/s':>12}")
     with tempfile.TemporaryDirectory() as tmp:

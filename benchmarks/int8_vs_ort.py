@@ -1,6 +1,6 @@
 """onnxcomp 8-bit per-channel vs onnxruntime's quantize_dynamic (int8 per-channel), side by side.
 
-    python benchmarks/int8_vs_ort.py [--model build/minilm/minilm.onnx --feeds build/minilm/eval.npz]
+    python benchmarks/int8_vs_ort.py [--model build/zoo/minilm/minilm.onnx --feeds build/zoo/minilm/eval.npz]
 
 Prints, for FP32 and each quantized file: compression wall time, file size, mean output
 cosine to FP32, and median onnxruntime latency over the feeds (one session each, same run).
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "build" / "minilm" / "minilm.onnx")
-    parser.add_argument("--feeds", type=Path, default=ROOT / "build" / "minilm" / "eval.npz")
+    parser.add_argument("--model", type=Path, default=ROOT / "build" / "zoo" / "minilm" / "minilm.onnx")
+    parser.add_argument("--feeds", type=Path, default=ROOT / "build" / "zoo" / "minilm" / "eval.npz")
     args = parser.parse_args()
     feeds = dict(np.load(args.feeds))
     reference = next(iter(run(make_session(args.model), feeds).values()))

@@ -24,7 +24,7 @@ from onnxcomp.runtime import make_session, run
 from onnxcomp.verify import mean_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
-MINILM = ROOT / "build" / "minilm"
+MINILM = ROOT / "build" / "zoo" / "minilm"
 
 
 def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:

@@ -41,14 +41,14 @@ METHODS = {  # label: (file stem, options)
 }
 MODELS = {
     "digits CNN": (ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_calib.npz"),
-    "MiniLM": (ROOT / "build" / "minilm" / "minilm.onnx", ROOT / "build" / "minilm" / "calib.npz"),
+    "MiniLM": (ROOT / "build" / "zoo" / "minilm" / "minilm.onnx", ROOT / "build" / "zoo" / "minilm" / "calib.npz"),
 }
 
 
 def fidelity(name: str, path: Path) -> str:
     if name == "digits CNN":
         return f"acc {accuracy(path):.3f}"
-    feeds = dict(np.load(ROOT / "build" / "minilm" / "eval.npz"))
+    feeds = dict(np.load(ROOT / "build" / "zoo" / "minilm" / "eval.npz"))
     reference = run(make_session(MODELS[name][0]), feeds)["sentence_embedding"]
     return f"cos {mean_cosine(reference, run(make_session(path, 0), feeds)['sentence_embedding']):.4f}"
 
@@ -80,7 +80,7 @@ def main() -> None:
                     print(f"{name:11} {bits:4d} {method:16} {fidelity(name, path):>10} {seconds:10.2f} {alpha:>7} {path.stat().st_size:11,}")
 
         # sqrt's price in onnxruntime: Abs and Mul decode every weight at every run.
-        feeds = dict(np.load(ROOT / "build" / "minilm" / "eval.npz"))
+        feeds = dict(np.load(ROOT / "build" / "zoo" / "minilm" / "eval.npz"))
         plain, reshaped = tmp / "MiniLM-4-mse.onnx", tmp / "MiniLM-4-sqrt.onnx"
         load = [load_seconds(p) for p in (plain, reshaped)]
         latency = interleaved_latency_ms([plain, reshaped], feeds, repeats=20)

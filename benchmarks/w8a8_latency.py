@@ -80,7 +80,7 @@ def compare(name: str, model: Path, calib: Path, feeds_path: Path, tmp: Path, re
 
 
 def main() -> None:
-    minilm = ROOT / "build" / "minilm"
+    minilm = ROOT / "build" / "zoo" / "minilm"
     with tempfile.TemporaryDirectory() as tmp:
         compare("digits", ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_calib.npz",
                 ROOT / "models" / "digits_eval.npz", Path(tmp), repeats=300)  # 2 ms a run: more turns for a stable median

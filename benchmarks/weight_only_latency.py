@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLD = {"session.disable_quant_qdq": "1"}
 CASES = [
     ("digits CNN", ROOT / "models" / "digits_cnn.onnx", {"image": np.load(ROOT / "models" / "digits_eval.npz")["image"]}),
-    ("MiniLM", ROOT / "build" / "minilm" / "minilm.onnx", ROOT / "build" / "minilm" / "eval.npz"),
+    ("MiniLM", ROOT / "build" / "zoo" / "minilm" / "minilm.onnx", ROOT / "build" / "zoo" / "minilm" / "eval.npz"),
 ]
 CONFIGS = {"4-bit per channel": {"bits": 4}, "4-bit blocks of 128": {"bits": 4, "granularity": "block", "block_size": 128}}
 

@@ -58,7 +58,21 @@ def _one_line_errors(func):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _OneLineGroup(click.Group):
+    """Click's usage errors (a missing argument, a value of the wrong type) as one line too."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            return super().main(args, prog_name or "onnxcomp", standalone_mode=False, **extra)
+        except click.ClickException as err:
+            command = f" {err.ctx.command_path.split(' ', 1)[1]}" if getattr(err, "ctx", None) and " " in err.ctx.command_path else ""
+            _fail(f"{err.format_message().rstrip('.')}; see onnxcomp{command} --help", 2)
+        except click.Abort:
+            _fail("interrupted; no output was left half-written", 130)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="onnxcomp")
 def main() -> None:
     """Compress ONNX models: quantized weights that stock onnxruntime runs."""
@@ -73,6 +87,9 @@ def _calibration_options(func):
                           "inputs from the input types, with a warning, for passes that need data."),
         click.option("--calib-samples", type=int, default=128, help="Use at most this many calibration samples."),
         click.option("--calib-batch", type=int, default=16, help="Samples per onnxruntime run during calibration."),
+        click.option("--calib-positions", type=int, default=4096,
+                     help="A convolution's Gram matrix is estimated from at most this many output positions per "
+                          "sample, drawn at random with a fixed seed (0: every position); bounds the time on large images."),
         click.option("--image-size", type=int, nargs=2, default=None, metavar="H W",
                      help="Resize calibration images to H x W. Default: the model input's fixed size."),
         click.option("--mean", default="0", help="Per-channel mean subtracted from images scaled to [0, 1], comma-separated."),
@@ -84,7 +101,7 @@ def _calibration_options(func):
     return func
 
 
-def _calib_options(calib_samples, calib_batch, image_size, mean, std, layout):
+def _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean, std, layout):
     from onnxcomp.calibration.sources import CalibOptions
 
     def floats(text: str, option: str) -> tuple[float, ...]:
@@ -94,7 +111,7 @@ def _calib_options(calib_samples, calib_batch, image_size, mean, std, layout):
             raise ConfigError(f"{option} {text!r} is not a comma-separated list of numbers") from None
 
     return CalibOptions(
-        samples=calib_samples, batch=calib_batch, image_size=tuple(image_size) if image_size else None,
+        samples=calib_samples, batch=calib_batch, positions=calib_positions, image_size=tuple(image_size) if image_size else None,
         mean=floats(mean, "--mean"), std=floats(std, "--std"), layout=layout,
     )
 
@@ -193,10 +210,11 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @_one_line_errors
 def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits, gather_bits,
              range_search, range_scope, range_objective, range_min, sqrt, bias_correction, magr, magr_alpha, magr_iters, rounding, optq_damp, optq_act_order, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
-             calib, calib_samples, calib_batch, image_size, mean, std, layout, device, entropy_code, report_json, quiet):
+             calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, device, entropy_code, report_json, quiet):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
     from onnxcomp.calibration.analysis import Calibration
+    from onnxcomp.modelio import check_free_space, check_outputs, write_text_atomic
     from onnxcomp.pipeline import compress_file
 
     config = QuantConfig(
@@ -209,18 +227,22 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
         smooth=not no_smooth, smooth_alpha=smooth_alpha,
     )
     calibration = Calibration(
-        calib, _calib_options(calib_samples, calib_batch, image_size, mean, std, layout), device=device, progress=not quiet
+        calib, _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean, std, layout), device=device, progress=not quiet
     )
     source = Path(model)
     target = Path(output) if output else source.with_suffix(".onnxc" if entropy_code else f".q{bits}.onnx")
-    warnings.showwarning = _show_warnings
     if entropy_code:
         _check_container_name(target, "--entropy-code")
+    check_outputs(source, target, report_json)  # before any work: no output may be an input
+    if source.is_file():
+        check_free_space(target.resolve().parent, source.stat().st_size * max(bits, 4) // 16, "the output")
+    warnings.showwarning = _show_warnings
+    if entropy_code:
         report = _compress_and_pack(source, target, config, calibration, progress=not quiet)
     else:
         report = compress_file(source, target, config, calibration=calibration, progress=not quiet)
     if report_json:
-        Path(report_json).write_text(report.to_json())
+        write_text_atomic(report_json, report.to_json())
     if not quiet:
         click.echo(report.to_table())
         click.echo(f"wrote {target}")
@@ -278,7 +300,7 @@ def unpack(container, output):
 @_calibration_options
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
 @_one_line_errors
-def calib_info(model, calib, calib_samples, calib_batch, image_size, mean, std, layout, as_json):
+def calib_info(model, calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, as_json):
     """What the calibration set for MODEL holds, per input: dtype, samples, shapes, value ranges.
     Checks it against the model's inputs without running the model."""
     from onnxcomp.calibration.analysis import Calibration
@@ -286,7 +308,7 @@ def calib_info(model, calib, calib_samples, calib_batch, image_size, mean, std, 
     from onnxcomp.modelio import load_model
 
     warnings.showwarning = _show_warnings
-    calibration = Calibration(calib, _calib_options(calib_samples, calib_batch, image_size, mean, std, layout))
+    calibration = Calibration(calib, _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean, std, layout))
     dataset = calibration.dataset(load_model(model), "calib-info")
     summaries = summarize(dataset)
     if as_json:

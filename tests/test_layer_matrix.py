@@ -105,3 +105,35 @@ def test_conv_rows_match_torch_unfold():
     unfolded = torch.nn.functional.unfold(torch.from_numpy(x), (3, 3), dilation=(1, 2), padding=(1, 2), stride=(2, 1))
     theirs = unfolded.permute(0, 2, 1).reshape(-1, 4 * 9).numpy()
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("op, groups", [("Conv", 1), ("Conv", 4), ("ConvTranspose", 2)])
+def test_sampled_positions_are_rows_of_the_full_set(op, groups):
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 8 // groups, 3, 3)).astype(np.float32)
+    layer = find_weight_layers(ir.from_proto(single_layer(op, (2, 8, 20, 24), w, group=groups, pads=[1, 1, 1, 1])).graph)[0]
+    x = rng.normal(size=(2, 8, 20, 24)).astype(np.float32)
+    full = input_rows(layer, x)
+    sampled = input_rows(layer, x, positions=50, rng=np.random.default_rng(7))
+    assert sampled.shape == (full.shape[0], 2 * 50, full.shape[2])
+    per_sample = full.shape[1] // 2
+    for g in range(full.shape[0]):  # every sampled row is one of its sample's own rows, in order
+        for sample in range(2):
+            rows = full[g, sample * per_sample : (sample + 1) * per_sample]
+            picked = sampled[g, sample * 50 : (sample + 1) * 50]
+            hits = [int(np.flatnonzero((rows == row).all(axis=1))[0]) for row in picked]
+            assert hits == sorted(set(hits))
+    again = input_rows(layer, x, positions=50, rng=np.random.default_rng(7))
+    assert np.array_equal(sampled, again)
+    assert np.array_equal(input_rows(layer, x, positions=10_000), full)  # a cap above the size takes all
+
+
+def test_sampled_gram_estimates_the_full_one():
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(16, 3, 3, 3)).astype(np.float32)
+    layer = find_weight_layers(ir.from_proto(single_layer("Conv", (4, 3, 96, 96), w, pads=[1, 1, 1, 1])).graph)[0]
+    x = np.cumsum(rng.normal(size=(4, 3, 96, 96)), axis=3).astype(np.float32) / 10  # smooth, image-like
+    full = input_rows(layer, x)[0].astype(np.float64)
+    sampled = input_rows(layer, x, positions=1024, rng=np.random.default_rng(0))[0].astype(np.float64)
+    h_full, h_sampled = full.T @ full / len(full), sampled.T @ sampled / len(sampled)
+    assert np.linalg.norm(h_sampled - h_full) / np.linalg.norm(h_full) < 0.1

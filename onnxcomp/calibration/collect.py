@@ -135,15 +135,18 @@ def _groups_within(sizes: dict[ir.Value, int], budget: int) -> list[list[ir.Valu
     return groups
 
 
-def row_chunks(layer: WeightLayer, x: np.ndarray) -> Iterator[np.ndarray]:
-    """The layer's input rows (`input_rows`) for a batch, a few samples at a time, so that a
+def row_chunks(
+    layer: WeightLayer, x: np.ndarray, positions: int = 0, rng: np.random.Generator | None = None
+) -> Iterator[np.ndarray]:
+    """The layer's input rows (`input_rows`, at most `positions` per sample of a
+    convolution, drawn by `rng`) for a batch, a few samples at a time, so that a
     convolution's expanded rows stay within _ROWS_CHUNK_ELEMENTS."""
     per_sample = max(1, x[:1].size * math.prod(layer.weight.shape[2:] or (1,)))
     step = max(1, _ROWS_CHUNK_ELEMENTS // per_sample)
     if layer.node.op_type in ("MatMul", "Gemm"):
         step = x.shape[0]  # already rows: no expansion
     for start in range(0, x.shape[0], step):
-        yield input_rows(layer, x[start : start + step])
+        yield input_rows(layer, x[start : start + step], positions, rng)
 
 
 def collect(
@@ -201,7 +204,7 @@ def collect(
             for number, feeds in enumerate(stream):
                 results = session.run(feeds)
                 for value in group:
-                    _update(stats, value, results[value.name], by_value.get(value, ()), number, _count(feeds))
+                    _update(stats, value, results[value.name], by_value.get(value, ()), number, _count(feeds), calibration)
                 bar.update(_count(feeds))
     return stats
 
@@ -210,7 +213,9 @@ def _count(feeds: Feeds) -> int:
     return len(next(iter(feeds.values())))
 
 
-def _update(stats: Statistics, value: ir.Value, x: np.ndarray, layers, batch_number: int, samples: int) -> None:
+def _update(
+    stats: Statistics, value: ir.Value, x: np.ndarray, layers, batch_number: int, samples: int, calibration: CalibrationSet
+) -> None:
     if not np.isfinite(x).all():
         raise CalibrationError(
             f"activation {value.name!r} holds NaN or Inf on calibration batch {batch_number}; "
@@ -225,7 +230,7 @@ def _update(stats: Statistics, value: ir.Value, x: np.ndarray, layers, batch_num
             continue
         if id(record.gram) not in done:
             try:
-                for rows in row_chunks(layer, x):
+                for rows in row_chunks(layer, x, calibration.positions, calibration.position_rng(batch_number)):
                     record.gram.add(rows)
             except UnsupportedLayer as err:
                 stats.skipped[layer.node] = f"no statistics: {err} is not supported"

@@ -90,7 +90,10 @@ class SequentialStatistics:
                     )
                 for layer in list(unique):
                     try:
-                        for rows, reference_rows in zip(row_chunks(layer, x), row_chunks(layer, x_reference)):
+                        draw = self.calibration.positions  # the same positions in both: C = X̃ᵀX pairs rows
+                        pairs = zip(row_chunks(layer, x, draw, self.calibration.position_rng(number)),
+                                    row_chunks(layer, x_reference, draw, self.calibration.position_rng(number)))
+                        for rows, reference_rows in pairs:
                             self.measured[layer.node].add(rows, reference_rows)
                     except UnsupportedLayer:  # its attributes cannot be written as rows
                         unique.remove(layer)

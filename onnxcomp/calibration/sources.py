@@ -32,6 +32,7 @@ class CalibOptions:
     std: tuple[float, ...] = (1.0,)
     layout: str = "NCHW"
     seed: int = 0
+    positions: int = 4096  # a convolution's input rows per sample in its Gram matrix (0: every position)
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -40,6 +41,8 @@ class CalibOptions:
             raise ConfigError(f"--calib-batch {self.batch} must be at least 1")
         if self.layout not in ("NCHW", "NHWC"):
             raise ConfigError(f"--layout {self.layout} is not supported; choose NCHW or NHWC")
+        if self.positions < 0:
+            raise ConfigError(f"--calib-positions {self.positions} is negative; use 0 (every position) or more")
         if any(s == 0 for s in self.std):
             raise ConfigError("--std has a zero; every channel's standard deviation must be non-zero")
 
@@ -52,6 +55,12 @@ class CalibrationSet:
     synthetic: bool
     _batches: Callable[[], Iterator[Feeds]]
     samples: int | None = None  # how many the batches hold in all, where known
+    positions: int = 0  # convolution rows per sample in a Gram matrix, drawn at random (0: all)
+    seed: int = 0
+
+    def position_rng(self, batch_number: int) -> np.random.Generator:
+        """The draw of convolution positions for one batch: the same for every layer and run."""
+        return np.random.default_rng([self.seed, batch_number])
 
     def batches(self) -> Iterator[Feeds]:
         return self._batches()
@@ -71,6 +80,16 @@ def _read_header(stream) -> tuple[tuple[int, ...], np.dtype, bool]:
     return tuple(shape), dtype, fortran
 
 
+def _check_length(source, shape: tuple[int, ...], dtype: np.dtype, header_end: int, size: int) -> None:
+    """The data an .npy header declares is all there (a header can claim any shape)."""
+    declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if header_end + declared > size:
+        raise InputMismatchError(
+            f"{source}: its header declares shape {list(shape)} ({declared:,} bytes) but the file holds "
+            f"{max(size - header_end, 0):,}; the file is truncated or damaged"
+        )
+
+
 def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Key → (shape, dtype) of every array in an .npz, from the headers alone."""
     try:
@@ -80,6 +99,7 @@ def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 if entry.endswith(".npy"):
                     with archive.open(entry) as stream:
                         shape, dtype, _ = _read_header(stream)
+                        _check_length(f"{path} ({entry})", shape, dtype, stream.tell(), archive.getinfo(entry).file_size)
                     members[entry[: -len(".npy")]] = (shape, dtype)
             return members
     except (zipfile.BadZipFile, ValueError, OSError) as err:
@@ -106,7 +126,15 @@ def _free_batch(specs: Specs) -> Specs:
 
 
 def _npz_chunks(path: Path, step: int) -> Iterator[Feeds]:
-    """Stream an .npz `step` samples at a time, each array read row block by row block."""
+    """Stream an .npz `step` samples at a time, each array read row block by row block; a
+    member that fails its CRC or ends early is a one-line error."""
+    try:
+        yield from _npz_chunk_reader(path, step)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        raise InputMismatchError(f"{path}: cannot be read ({err}); the file is damaged, save it again") from None
+
+
+def _npz_chunk_reader(path: Path, step: int) -> Iterator[Feeds]:
     with zipfile.ZipFile(path) as archive:
         streams, layout = {}, {}
         try:
@@ -202,6 +230,7 @@ def _array_folder_source(folder: Path, files: list[Path], specs: Specs, options:
                 file_shape, dtype, _ = _read_header(stream)
             except ValueError as err:
                 raise InputMismatchError(f"{path}: not a readable .npy ({err})") from None
+            _check_length(path, file_shape, dtype, stream.tell(), path.stat().st_size)
         single = len(file_shape) == len(shape) - 1
         members = {name: ((1, *file_shape) if single else file_shape, dtype)}
         total += _check_members(members, specs, str(path))
@@ -328,6 +357,10 @@ def open_calibration(
     fixed = {shape[0] for _, shape in specs.values() if shape and isinstance(shape[0], int)}
     if len(fixed) == 1 and len(specs) == sum(1 for _, s in specs.values() if s and isinstance(s[0], int)):
         options = dataclasses.replace(options, batch=fixed.pop())
+    return dataclasses.replace(_source(data, specs, int_bounds, options), positions=options.positions, seed=options.seed)
+
+
+def _source(data, specs: Specs, int_bounds: dict[str, int], options: CalibOptions) -> CalibrationSet:
     if data is None:
         return _synthetic_source(specs, int_bounds, options)
     if isinstance(data, (str, os.PathLike)):

@@ -9,8 +9,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from onnxcomp.container.format import ContainerError, describe, pack_to, unpack_to
-from onnxcomp.modelio import check_output_path, load_model
+from onnxcomp.container.format import ContainerError, describe, pack_to, read_toc, unpack_to
+from onnxcomp.container.toc import safe_name
+from onnxcomp.modelio import check_free_space, check_output_path, current_umask, load_model
 from onnxcomp.report import format_table
 
 
@@ -27,8 +28,10 @@ class _AtomicFiles:
         return handle
 
     def commit(self) -> None:
+        mode = 0o666 & ~current_umask()  # as any other output, not a temporary file's 0600
         for handle, path in self.pending:
             handle.close()
+            os.chmod(handle.name, mode)
             os.replace(handle.name, path)
         self.pending = []
 
@@ -56,14 +59,6 @@ def _mapped(path: str | os.PathLike, what: str):
             yield mapped
 
 
-def _safe_location(location: str, source: str | os.PathLike) -> str:
-    """External data must lie beside the model: no absolute paths, no way out of its folder."""
-    path = Path(location)
-    if path.is_absolute() or ".." in path.parts:
-        raise ContainerError(f"{source}: external data location {location!r} is outside the model's folder; refused")
-    return location
-
-
 def external_locations(model_path: str | os.PathLike) -> list[str]:
     """The external data files the model's initializers name, relative to its folder."""
     import onnx_ir as ir
@@ -75,7 +70,7 @@ def external_locations(model_path: str | os.PathLike) -> list[str]:
         for value in graph.initializers.values()
         if isinstance(value.const_value, ir.ExternalTensor)
     }
-    return sorted(_safe_location(location, model_path) for location in found)
+    return sorted(safe_name(location, str(model_path)) for location in found)
 
 
 def pack_file(source: str | os.PathLike, target: str | os.PathLike) -> tuple[int, int]:
@@ -96,28 +91,58 @@ def pack_file(source: str | os.PathLike, target: str | os.PathLike) -> tuple[int
 
 def unpack_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Write the model to `target`, and its external data files beside it under the names
-    the model gives them; tensor by tensor, all renamed into place only once all decoded."""
+    the model gives them; tensor by tensor, all renamed into place only once all decoded.
+    Every name is checked (inside the target's folder, none the target or the container
+    itself, none twice) and the free space counted before anything is written."""
     target = check_output_path(target, source)
+    created: list[Path] = []
+
+    def output_path(name) -> Path:
+        if name is None:
+            return target
+        path = (target.parent / name).resolve()  # names are relative and plain; links are followed here
+        if target.parent not in path.parents:
+            raise ContainerError(f"{source}: external data {name!r} would be written outside {target.parent}; refused")
+        if path in (target, Path(source).resolve()):
+            raise ContainerError(f"{source}: an external data file is named like the output model or the container "
+                                 f"({path.name!r}); choose another output name with -o")
+        return path
 
     def open_output(name):
-        path = target if name is None else target.parent / _safe_location(name, source)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return files.open(check_output_path(path, source))
+        path = output_path(name)
+        for folder in reversed(path.parents):
+            if folder != target.parent and target.parent in folder.parents and not folder.exists():
+                folder.mkdir()
+                created.append(folder)
+        return files.open(path)
 
-    with _mapped(source, "an .onnxc container") as blob, _AtomicFiles() as files:
-        unpack_to(blob, open_output, str(source))
-        files.commit()
+    with _mapped(source, "an .onnxc container") as blob:
+        toc, _ = read_toc(blob, str(source))
+        for digest in toc.files:
+            output_path(digest.name)
+        check_free_space(target.parent, toc.decoded_bytes, f"unpacking {source}")
+        try:
+            with _AtomicFiles() as files:
+                unpack_to(blob, open_output, str(source))
+                files.commit()
+        finally:
+            for folder in reversed(created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only where it stayed empty
 
 
 def container_table(path: str | os.PathLike, as_json: bool = False) -> str:
     path = Path(path)
     if not path.is_file():
         raise ContainerError(f"{path}: no such file; pass the path of an .onnxc container")
-    blob = path.read_bytes()
-    infos, toc = describe(blob)
+    with _mapped(path, "an .onnxc container") as blob:
+        infos, toc = describe(blob)
+        container = len(blob)
+    model, external = toc.files[0], toc.files[1:]
     if as_json:
-        return json.dumps({"size": toc["size"], "external_files": toc["files"], "container": len(blob),
-                           "tensors": [vars(i) for i in infos]}, indent=2)
+        return json.dumps({"size": model.size, "container": container, "tensors": [vars(i) for i in infos],
+                           "external_files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in external]},
+                          indent=2)
     rows = [("tensor", "bits", "weights", "models", "coded bits/weight", "entropy bits/weight", "coded / entropy")]
     for i in infos:
         coded = 8 * i.stored_bytes / max(i.elements, 1)
@@ -133,7 +158,7 @@ def container_table(path: str | os.PathLike, as_json: bool = False) -> str:
     if chunked:
         below = sum(i.entropy_bits * i.elements / 8 - i.stored_bytes for i in chunked)
         lines.append(f"{len(chunked)} tensor(s) coded with one model per chunk: {below:,.0f} bytes below their per-tensor bound")
-    external = f" and {len(toc['files'])} external data file(s)" if toc["files"] else ""
-    total = toc["size"] + sum(f["size"] for f in toc["files"])
-    lines.append(f"container {len(blob):,} bytes for a {total:,}-byte model{external} ({len(blob) / total:.3f})")
+    files = f" and {len(external)} external data file(s)" if external else ""
+    lines.append(f"container {container:,} bytes for a {toc.decoded_bytes:,}-byte model{files} "
+                 f"({container / toc.decoded_bytes:.3f})")
     return "\n".join(lines)

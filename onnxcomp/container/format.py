@@ -24,8 +24,10 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
+import signal
 import struct
+import sys
+import tempfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,17 +35,21 @@ from typing import BinaryIO
 
 import numpy as np
 
+from onnxcomp.container.toc import (
+    CHUNK,
+    MAX_TOC_BYTES,
+    ContainerError,
+    SkeletonSection,
+    TableOfContents,
+    TensorSection,
+    parse_toc,
+)
 from onnxcomp.container.wire import INTEGER_BITS, WireError, integer_initializers
-from onnxcomp.errors import OnnxcompError
 
 MAGIC = b"ONNXC\x00"
 VERSION = 2
 # Float bytes (scales, biases, float weights) gain nothing above level 12; 19 takes up to 40x longer.
 ZSTD_LEVEL = 12
-
-
-class ContainerError(OnnxcompError):
-    """A container that cannot be decoded into the model it was made from."""
 
 
 def _zstd():
@@ -100,15 +106,19 @@ def encode_symbols(symbols: np.ndarray, alphabet: int, counts: list[int] | None 
 
 
 def decode_symbols(coded: bytes, counts: list[int], count: int) -> np.ndarray:
+    """`count` symbols (at most a chunk's, as the table's check ensures) from `coded`."""
     if count == 0:
         return np.zeros(0, dtype=np.int32)
+    if len(coded) % 4:
+        raise ContainerError("a coded chunk is not a whole number of 32-bit words; the file is corrupted")
     words = np.frombuffer(coded, dtype="<u4").astype(np.uint32)
-    return _constriction().stream.stack.AnsCoder(words).decode(_model(counts), count)
+    try:
+        return _constriction().stream.stack.AnsCoder(words).decode(_model(counts), count)
+    except Exception as err:  # the coder's own refusal of words it cannot have written
+        raise ContainerError(f"a coded chunk cannot be decoded ({type(err).__name__}); the file is corrupted") from None
 
 
 # --- container ------------------------------------------------------------------------------
-
-CHUNK = 1 << 20  # symbols per independently decodable chunk
 
 
 @dataclass
@@ -150,17 +160,31 @@ def _encode_tensor(symbols: np.ndarray, bits: int) -> tuple[bytes, dict]:
     return best
 
 
-def _chunk_jobs(blob, tensors: list[tuple[dict, int]]):
+def _chunk_jobs(blob, tensors: list[tuple[TensorSection, int]]):
     """(coded bytes, counts, symbol count) of every chunk, tensor after tensor."""
     for section, pos in tensors:
-        for chunk in section["chunks"]:
-            count, length = chunk[0], chunk[1]
-            yield bytes(blob[pos : pos + length]), section["counts"] if section["counts"] is not None else chunk[2], count
-            pos += length
+        for chunk in section.chunks:
+            yield bytes(blob[pos : pos + chunk.length]), list(section.chunk_counts(chunk)), chunk.symbols
+            pos += chunk.length
 
 
 def _decode_chunk(job: tuple[bytes, list[int], int]) -> np.ndarray:
     return np.asarray(decode_symbols(*job), dtype=np.uint8)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A decoder worker ends when the process that forked it does, however that ends (the
+    kernel signals it on Linux), and never holds the caller's terminal or pipes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent was gone before that took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for stream in (0, 1, 2):
+        os.dup2(devnull, stream)
 
 
 PARALLEL_MIN = 1 << 24  # symbols: below this, starting worker processes costs more than it saves
@@ -179,7 +203,8 @@ class _ChunkDecoder:
 
     def __enter__(self):
         if self.workers > 1:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_die_with_parent, initargs=(os.getpid(),))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -287,8 +312,9 @@ def pack(data: bytes, external: dict[str, bytes] | None = None) -> bytes:
     return out.getvalue()
 
 
-def read_toc(blob: bytes, source: str = "container") -> tuple[dict, int]:
-    """The table of contents and where the sections start; refuses what is not a valid container."""
+def read_toc(blob, source: str = "container") -> tuple[TableOfContents, int]:
+    """The validated table of contents and where the sections start; refuses what is not a
+    valid container before anything is allocated for it."""
     if len(blob) < len(MAGIC) + 1 or blob[: len(MAGIC)] != MAGIC:
         raise ContainerError(f"{source}: not an onnxcomp container (bad magic bytes); unpack only files made by onnxcomp pack")
     version = blob[len(MAGIC)]
@@ -304,32 +330,36 @@ def read_toc(blob: bytes, source: str = "container") -> tuple[dict, int]:
     pos += 8
     if len(blob) < pos + length + 4:
         raise ContainerError(f"{source}: truncated inside the table of contents; the file is incomplete")
-    toc_bytes = blob[pos : pos + length]
+    toc_bytes = bytes(blob[pos : pos + length])
     (crc,) = struct.unpack_from("<I", blob, pos + length)
     if zlib.crc32(toc_bytes) != crc:
         raise ContainerError(f"{source}: table of contents fails its checksum; the file is corrupted")
     try:
-        toc = json.loads(_zstd().ZstdDecompressor().decompress(toc_bytes))
+        with _zstd().ZstdDecompressor().stream_reader(io.BytesIO(toc_bytes)) as reader:
+            text = reader.read(MAX_TOC_BYTES + 1)
+        data = json.loads(text) if len(text) <= MAX_TOC_BYTES else None
     except Exception:
         raise ContainerError(f"{source}: table of contents cannot be read; the file is corrupted") from None
-    return toc, pos + length + 4
+    if data is None:
+        raise ContainerError(f"{source}: table of contents expands beyond {MAX_TOC_BYTES >> 20} MiB; refused")
+    return parse_toc(data, source), pos + length + 4
 
 
-def _checked_sections(blob, toc: dict, pos: int, source: str) -> list[tuple[dict, int]]:
+def _checked_sections(blob, toc: TableOfContents, pos: int, source: str) -> list[tuple[TensorSection | SkeletonSection, int]]:
     """Each section with where its bytes start, after checking lengths and CRC-32s."""
-    total = pos + sum(section["length"] for section in toc["sections"])
+    total = pos + sum(section.length for section in toc.sections)
     if len(blob) > total:
         raise ContainerError(f"{source}: {len(blob) - total} unexpected bytes after the last section; the file is corrupted")
     located = []
-    for index, section in enumerate(toc["sections"]):
-        what = f"skeleton of file {section['file']}" if section["kind"] == "skeleton" else f"tensor {section.get('name')!r}"
-        end = pos + section["length"]
+    for index, section in enumerate(toc.sections):
+        what = f"skeleton of file {section.file}" if isinstance(section, SkeletonSection) else f"tensor {section.name!r}"
+        end = pos + section.length
         if end > len(blob):
             raise ContainerError(f"{source}: truncated in section {index} ({what}); the file is incomplete")
         crc = 0
         for piece in _pieces(blob, pos, end):
             crc = zlib.crc32(piece, crc)
-        if crc != section["crc32"]:
+        if crc != section.crc32:
             raise ContainerError(f"{source}: section {index} ({what}) fails its checksum; the file is corrupted")
         located.append((section, pos))
         pos = end
@@ -352,10 +382,13 @@ class _Window(io.RawIOBase):
         return count
 
 
-def _decode_file(blob, located: list[tuple[dict, int]], out: BinaryIO, decoder: _ChunkDecoder) -> dict:
-    """Rebuild one file into `out`, tensor by tensor; its size and SHA-256."""
-    tensors = sorted(((s, p) for s, p in located if s["kind"] == "ans"), key=lambda item: item[0]["offset"])
-    skeleton_section, skeleton_pos = next((s, p) for s, p in located if s["kind"] == "skeleton")
+def _decode_file(blob, toc: TableOfContents, index: int, starts: dict, out: BinaryIO, decoder: _ChunkDecoder,
+                 source: str) -> dict:
+    """Rebuild file `index` into `out`, tensor by tensor, writing no byte more than the table
+    declares for it; its size and SHA-256."""
+    tensors = [(t, starts[id(t)]) for t in toc.tensors(index)]
+    skeleton_section = toc.skeleton(index)
+    left = toc.skeleton_bytes(index)
     sha, written = hashlib.sha256(), 0
 
     def emit(data: bytes) -> None:
@@ -364,19 +397,30 @@ def _decode_file(blob, located: list[tuple[dict, int]], out: BinaryIO, decoder: 
         out.write(data)
         written += len(data)
 
-    chunks = decoder.decode(_chunk_jobs(blob, tensors))
-    window = _Window(blob, skeleton_pos, skeleton_pos + skeleton_section["length"])
-    with _zstd().ZstdDecompressor().stream_reader(window) as skeleton:
-        for section, _ in tensors:
-            while written < section["offset"]:
-                gap = skeleton.read(min(PIECE, section["offset"] - written))
-                if not gap:
-                    break
-                emit(gap)
-            symbols = [next(chunks) for _ in section["chunks"]]
-            emit(from_symbols(np.concatenate(symbols) if symbols else np.zeros(0, np.uint8), section["bits"]))
-        for piece in iter(lambda: skeleton.read(PIECE), b""):
+    def copy(skeleton, count: int) -> None:
+        nonlocal left
+        while count:
+            piece = skeleton.read(min(PIECE, count))
+            if not piece:
+                raise ContainerError(f"{source}: a skeleton holds fewer bytes than its table declares; the file is corrupted")
             emit(piece)
+            count -= len(piece)
+            left -= len(piece)
+
+    chunks = decoder.decode(_chunk_jobs(blob, tensors))
+    start = starts[id(skeleton_section)]
+    window = _Window(blob, start, start + skeleton_section.length)
+    try:
+        with _zstd().ZstdDecompressor().stream_reader(window) as skeleton:
+            for section, _ in tensors:
+                copy(skeleton, section.offset - written)
+                symbols = [next(chunks) for _ in section.chunks]
+                emit(from_symbols(np.concatenate(symbols) if symbols else np.zeros(0, np.uint8), section.bits))
+            copy(skeleton, left)
+            if skeleton.read(1):
+                raise ContainerError(f"{source}: a skeleton holds more bytes than its table declares; the file is corrupted")
+    except _zstd().ZstdError:
+        raise ContainerError(f"{source}: a skeleton cannot be decompressed; the file is corrupted") from None
     return {"size": written, "sha256": sha.hexdigest()}
 
 
@@ -386,17 +430,16 @@ def unpack_to(blob, open_output, source: str = "container") -> None:
     refusing a damaged container before writing and a wrong decode after."""
     toc, pos = read_toc(blob, source)
     located = _checked_sections(blob, toc, pos, source)
-    expected = [{"name": None, "size": toc["size"], "sha256": toc["sha256"]}, *toc["files"]]
-    symbols = sum(s["elements"] for s, _ in located if s["kind"] == "ans")
-    with _ChunkDecoder(symbols) as decoder:
-        for index, digest in enumerate(expected):
-            mine = [(s, p) for s, p in located if s["file"] == index]
-            if not any(s["kind"] == "skeleton" for s, _ in mine):
-                raise ContainerError(f"{source}: file {index} has no skeleton section; the file is corrupted")
-            decoded = _decode_file(blob, mine, open_output(digest["name"]), decoder)
-            if decoded != {"size": digest["size"], "sha256": digest["sha256"]}:
-                what = "model" if digest["name"] is None else f"external data file {digest['name']!r}"
-                raise ContainerError(f"{source}: decoded {what} fails its SHA-256; the file is corrupted")
+    starts = {id(section): start for section, start in located}
+    try:
+        with _ChunkDecoder(toc.symbols) as decoder:
+            for index, digest in enumerate(toc.files):
+                decoded = _decode_file(blob, toc, index, starts, open_output(digest.name), decoder, source)
+                if decoded != {"size": digest.size, "sha256": digest.sha256}:
+                    what = "model" if digest.name is None else f"external data file {digest.name!r}"
+                    raise ContainerError(f"{source}: decoded {what} fails its SHA-256; the file is corrupted")
+    except MemoryError:
+        raise ContainerError(f"{source}: decoding ran out of memory; unpack it on a machine with more memory") from None
 
 
 def unpack_files(blob, source: str = "container") -> tuple[bytes, dict[str, bytes]]:
@@ -418,16 +461,19 @@ def unpack(blob, source: str = "container") -> bytes:
     return unpack_files(blob, source)[0]
 
 
-def describe(blob: bytes) -> tuple[list[SectionInfo], dict]:
-    """Per coded tensor: bits, elements, stored bytes, entropy; and the table itself."""
-    toc, _ = read_toc(blob)
+def describe(blob) -> tuple[list[SectionInfo], TableOfContents]:
+    """Per coded tensor: bits, elements, stored bytes, entropy; and the table itself.
+    The sections are checked as for decoding: a damaged container is refused, not listed."""
+    toc, pos = read_toc(blob)
+    _checked_sections(blob, toc, pos, "container")
     infos = []
-    for section in toc["sections"]:
-        if section["kind"] != "ans":
+    for section in toc.sections:
+        if not isinstance(section, TensorSection):
             continue
-        per_chunk = section["counts"] is None
-        counts = np.sum([c[2] for c in section["chunks"]], axis=0).tolist() if per_chunk else section["counts"]
-        table_share = _json_size(section["chunks"]) + _json_size(section["counts"])
-        infos.append(SectionInfo(section["name"], section["bits"], section["elements"], section["length"] + table_share,
+        per_chunk = section.counts is None
+        counts = np.sum([c.counts for c in section.chunks], axis=0).tolist() if per_chunk else list(section.counts)
+        chunks_json = [[c.symbols, c.length] + ([list(c.counts)] if per_chunk else []) for c in section.chunks]
+        table_share = _json_size(chunks_json) + _json_size(None if per_chunk else list(section.counts))
+        infos.append(SectionInfo(section.name, section.bits, section.elements, section.length + table_share,
                                  _entropy(counts), "chunk" if per_chunk else "tensor"))
     return infos, toc

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxcomp.kernels.torch_backend import load_torch, torch_device
+from onnxcomp.kernels.torch_backend import load_torch, one_thread_on_cpu, torch_device
 
 
 def _threshold(ordered, radius: float):
@@ -93,6 +93,7 @@ class MagrResult:
     dead: np.ndarray  # per group: True where the input carried no signal and nothing moved
 
 
+@one_thread_on_cpu
 def magr(
     matrix: np.ndarray,
     gram: np.ndarray,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxcomp.kernels.torch_backend import load_torch, torch_device
+from onnxcomp.kernels.torch_backend import load_torch, one_thread_on_cpu, torch_device
 from onnxcomp.kernels.quantize import Grid
 
 
@@ -178,6 +178,7 @@ def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch
     return codes
 
 
+@one_thread_on_cpu
 def optq(
     matrix: np.ndarray,
     gram: np.ndarray,

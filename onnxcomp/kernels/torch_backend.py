@@ -3,6 +3,8 @@ of onnxcomp runs without it, and the device they run on."""
 
 from __future__ import annotations
 
+import functools
+
 from onnxcomp.errors import ConfigError
 
 
@@ -24,3 +26,24 @@ def torch_device(device: str):
             "install one from pytorch.org or use --device cpu"
         )
     return torch.device(device)
+
+
+def one_thread_on_cpu(solver):
+    """Run `solver` (which takes `device=`) on one thread when on the CPU: torch's BLAS
+    splits its sums differently for different thread counts, and the codes must not depend
+    on how many cores a machine has (the same input and options give the same bytes
+    anywhere). On a GPU it runs as it is."""
+
+    @functools.wraps(solver)
+    def run(*args, device: str = "cpu", **kwargs):
+        torch = load_torch()
+        if torch_device(device).type != "cpu":
+            return solver(*args, device=device, **kwargs)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return solver(*args, device=device, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run

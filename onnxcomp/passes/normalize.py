@@ -6,6 +6,7 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, LiftSubgraphInitializersToMainGraphPass
+from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
 from onnxcomp.errors import OpsetConversionError
 from onnxcomp.layers import find_weight_layers
@@ -19,6 +20,9 @@ _IR_VERSION_FOR_OPSET = {13: 7, 21: 10, 25: 11}
 def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
+
+# onnxscript's defaults: fold nodes reading at most 8192 elements into at most 256 Ki.
+_FOLD_INPUT_LIMIT, _FOLD_OUTPUT_LIMIT = 8192, 1 << 18
 
 # Initializers larger than this cross the version converter as references, not bytes.
 _PLACEHOLDER_BYTES = 1024
@@ -81,6 +85,29 @@ def weights_as_constants(model: ir.Model) -> int:
     return len(inputs)
 
 
+def fold_small_constants(model: ir.Model) -> bool:
+    """Fold small constant subgraphs (onnxscript's folder, inputs up to 8192 elements): an
+    exporter that computes a Conv's zero bias with Expand, or BatchNorm parameters with
+    CastLike, or reads a weight's Shape to pad, leaves the layer's parameters looking
+    computed or shared, so nothing would fold or quantize. Weights a graph fills with ConstantOfShape stay as they are: folding them would
+    store what the file computes."""
+    result = FoldConstantsPass(
+        shape_inference=False,
+        input_size_limit=_FOLD_INPUT_LIMIT,
+        output_size_limit=_FOLD_OUTPUT_LIMIT,
+        should_fold=lambda node: False if _keep_unfolded(node) else None,
+    )(model)
+    return result.modified
+
+
+def _keep_unfolded(node: ir.Node) -> bool:
+    """A weight the graph fills in, or a node reading a stored tensor that others read too:
+    its folded result would be a second copy (a tied embedding's Transpose)."""
+    if node.op_type == "ConstantOfShape":
+        return True
+    return any(v is not None and v.is_initializer() and len(v.uses()) > 1 for v in node.inputs)
+
+
 def free_unset_dims(model: ir.Model) -> list[str]:
     """Exporters also write a free dimension as -1 or 0; onnxruntime takes a 0 as a fixed,
     empty dimension, so such a model would not run on real inputs. The graph inputs and
@@ -110,6 +137,7 @@ class NormalizePass(ir.passes.InPlacePass):
         lifted |= LiftSubgraphInitializersToMainGraphPass()(model).modified
         if lifted:
             self.report.note("normalize", "constants", "Constant nodes lifted to initializers")
+        folded = fold_small_constants(model)
         constants = weights_as_constants(model)
         if constants:
             self.report.note("normalize", "inputs", f"{constants} weight(s) declared as graph inputs too (an older "
@@ -123,4 +151,4 @@ class NormalizePass(ir.passes.InPlacePass):
             raised = raise_opset(model, self.target_opset)
         if raised:
             self.report.note("normalize", "opset", f"raised from {before} to {self.target_opset}")
-        return ir.passes.PassResult(model, modified=lifted or raised or bool(freed) or constants > 0)
+        return ir.passes.PassResult(model, modified=lifted or raised or bool(freed) or constants > 0 or folded)

@@ -46,6 +46,8 @@ def skip_reason(layer: WeightLayer, config: QuantConfig) -> str | None:
     if config.exclude and re.search(config.exclude, layer.name):
         return f"excluded by --exclude {config.exclude!r}"
     size = int(np.prod(layer.weight.shape))
+    if size == 0:
+        return "holds no elements (a dimension of size 0)"
     if size < config.min_elements:
         return f"{size} elements < --min-elements {config.min_elements}"
     sharing = sharing_refusal(layer)

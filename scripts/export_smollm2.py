@@ -31,7 +31,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 18  # what torch's exporter writes today
-MAX_POSITIONS = 2048
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
 
@@ -121,10 +120,7 @@ def build(weights: Weights, tied: bool = True, cache: bool = False) -> onnx.Mode
     embed = g.const("model.embed_tokens.weight", weights["token_embd.weight"])
     vocab = int(weights.tensors["token_embd.weight"].shape[1])
 
-    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    angles = np.arange(MAX_POSITIONS, dtype=np.float64)[:, None] * inv_freq[None, :]
-    cos_table = g.const("rotary.cos", np.cos(angles).astype(np.float32))
-    sin_table = g.const("rotary.sin", np.sin(angles).astype(np.float32))
+    inv_freq = g.const("rotary.inv_freq", (base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32))
 
     inputs = [helper.make_tensor_value_info("input_ids", INT64, ["batch_size", "sequence_length"])]
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch_size", "sequence_length", vocab])]
@@ -149,8 +145,10 @@ def build(weights: Weights, tied: bool = True, cache: bool = False) -> onnx.Mode
         angle_shape = g.ints(-1, head_dim // 2, 1)
         allowed = g.op("LessOrEqual", g.op("Unsqueeze", steps, g.ints(0)), g.op("Unsqueeze", steps, g.ints(1)))
     mask = g.op("Where", allowed, g.scalar(0.0), g.scalar(-1e9))
-    cos = g.op("Reshape", g.op("Gather", cos_table, positions, axis=0), angle_shape)
-    sin = g.op("Reshape", g.op("Gather", sin_table, positions, axis=0), angle_shape)
+    # Angles computed in the graph, as optimum exports them: positions × inverse frequencies.
+    angles = g.op("Mul", g.op("Unsqueeze", g.op("Cast", positions, to=FLOAT), g.ints(-1)), inv_freq)
+    cos = g.op("Reshape", g.op("Cos", angles), angle_shape)
+    sin = g.op("Reshape", g.op("Sin", angles), angle_shape)
     scale = g.scalar(1.0 / np.sqrt(head_dim))
 
     h = g.op("Gather", embed, "input_ids", axis=0)

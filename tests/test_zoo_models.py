@@ -38,12 +38,12 @@ def lm_eval(smollm2):
     return ids, zoo.run_batched(_session(smollm2.path), {"input_ids": ids}, 2)
 
 
-@pytest.mark.parametrize("name, options, calibrated, max_ppl_rise, min_top1", [
-    ("rtn8", {"bits": 8}, False, 0.02, 0.95),
+@pytest.mark.parametrize("name, options, calibrated, max_ppl_rise, min_top1, max_ratio", [
+    ("rtn8", {"bits": 8}, False, 0.02, 0.95, 0.27),
     ("optq4 b32 asym", {"bits": 4, "granularity": "block", "block_size": 32, "asymmetric": True, "rounding": "optq",
-                        "gather_bits": 8}, True, 0.25, 0.75),
+                        "gather_bits": 8}, True, 0.25, 0.75, 0.2),
 ])
-def test_smollm2(tmp_path, smollm2, lm_eval, name, options, calibrated, max_ppl_rise, min_top1):
+def test_smollm2(tmp_path, smollm2, lm_eval, name, options, calibrated, max_ppl_rise, min_top1, max_ratio):
     ids, reference = lm_eval
     out = tmp_path / "q.onnx"
     report = _compressed(smollm2.path, out, smollm2.calib if calibrated else None, **options)
@@ -52,7 +52,7 @@ def test_smollm2(tmp_path, smollm2, lm_eval, name, options, calibrated, max_ppl_
     fp32 = zoo.language_model_metrics(reference, reference, ids)["perplexity"]
     assert metrics["perplexity"] <= fp32 * (1 + max_ppl_rise), (name, metrics, fp32)
     assert metrics["top1"] >= min_top1, (name, metrics)
-    assert out.stat().st_size < smollm2.path.stat().st_size * options["bits"] / 24
+    assert out.stat().st_size < smollm2.path.stat().st_size * max_ratio
 
 
 def test_smollm2_tied_table_is_one_dequantize(tmp_path, smollm2):

@@ -424,3 +424,47 @@ def test_decoder_workers_die_with_their_parent(tmp_path, monkeypatch, q4):
     for pid in alive:  # not to leave them behind when the check fails
         os.kill(int(pid), signal.SIGKILL)
     assert alive == []
+
+
+# --- the same bytes on any machine --------------------------------------------------------
+
+
+def _compressed_digest(tmp_path, threads: int, args) -> str:
+    out = tmp_path / f"t{threads}.onnx"
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "onnxcomp.cli", "compress", *map(str, args), "-o", str(out), "-q"],
+                   check=True, env=env, cwd=ROOT)
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("extra", [[], ["--magr"]], ids=["optq", "magr+optq"])
+def test_optq_codes_do_not_depend_on_the_thread_count_digits(tmp_path, extra):
+    args = [DIGITS, "--bits", 4, "--rounding", "optq", "--calib", MODELS / "digits_calib.npz", *extra]
+    assert _compressed_digest(tmp_path, 1, args) == _compressed_digest(tmp_path, 2, args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--magr", "--magr-iters", 30]], ids=["optq", "magr+optq"])
+def test_optq_codes_do_not_depend_on_the_thread_count_minilm(tmp_path, minilm, minilm_calib, extra):
+    args = [minilm, "--bits", 4, "--rounding", "optq", "--calib", minilm_calib, *extra]
+    assert _compressed_digest(tmp_path, 1, args) == _compressed_digest(tmp_path, 2, args)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.one_of(st.text(min_size=0, max_size=40),
+                      st.lists(st.sampled_from(["..", ".", "", "a", "m.onnx", "x.data", "/"]), max_size=4).map("/".join)))
+def test_unpack_never_touches_a_path_outside_its_folder(tmp_path_factory, with_external, name):
+    from onnxcomp.container.files import unpack_file
+
+    root = tmp_path_factory.mktemp("p")
+    (root / "out").mkdir()
+    container = root / "c.onnxc"
+    container.write_bytes(craft(with_external, lambda toc: toc["files"][0].__setitem__("name", name)))
+    before = {p for p in root.rglob("*")}
+    try:
+        unpack_file(container, root / "out" / "m.onnx")
+    except ContainerError:
+        assert {p for p in root.rglob("*")} == before
+        return
+    written = {p for p in root.rglob("*")} - before
+    assert written and all((root / "out") in p.parents for p in written), written

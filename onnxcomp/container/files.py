@@ -118,8 +118,12 @@ def unpack_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
 
     with _mapped(source, "an .onnxc container") as blob:
         toc, _ = read_toc(blob, str(source))
-        for digest in toc.files:
-            output_path(digest.name)
+        paths = [output_path(digest.name) for digest in toc.files]
+        for path in paths:
+            folders = [f for f in path.parents if target.parent in f.parents]
+            if any(f in paths or (f.exists() and not f.is_dir()) for f in folders):
+                raise ContainerError(f"{source}: external data {path.relative_to(target.parent)} would need a folder "
+                                     "where a file is; refused")
         check_free_space(target.parent, toc.decoded_bytes, f"unpacking {source}")
         try:
             with _AtomicFiles() as files:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+# Recurrent layers: W (input 1) and R (input 2) are [directions, gates·hidden, inputs].
+RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,13 @@ class WeightLayer:
 
     @property
     def data(self) -> ir.Value | None:
-        """The activation the weight multiplies; None for an embedding lookup."""
-        return None if self.node.op_type == "Gather" else self.node.inputs[0]
+        """The activation the weight multiplies, as rows of a matrix product; None for an
+        embedding lookup and for recurrent layers (their inputs are not plain rows)."""
+        return None if self.node.op_type in ("Gather", *RECURRENT) else self.node.inputs[0]
+
+    @property
+    def recurrent(self) -> bool:
+        return self.node.op_type in RECURRENT
 
     @property
     def groups(self) -> int:
@@ -90,22 +97,33 @@ def layer_axes(node: ir.Node, index: int, rank: int) -> tuple[int, int] | None:
         return 1, 0
     if op == "Gather" and index == 0 and rank == 2 and attr_int(node, "axis", 0) == 0:
         return 0, 1
+    if op in RECURRENT and index in (1, 2) and rank == 3:
+        return 1, 2  # one row per gate unit and direction, summed over the inputs (or hidden state)
     return None
 
 
-def weight_layer(node: ir.Node, include_quantized: bool = False) -> WeightLayer | None:
-    """The layer view of one node, or None when it has no quantizable constant weight.
+def weight_layers(node: ir.Node, include_quantized: bool = False) -> list[WeightLayer]:
+    """The layer views of one node: one per quantizable constant weight it reads (two for a
+    recurrent layer, W and R; none for a node without one).
 
     With `include_quantized`, a weight that is already DequantizeLinear(initializers) counts too.
     """
-    index = 0 if node.op_type == "Gather" else 1
-    if len(node.inputs) <= index:
-        return None
-    weight = node.inputs[index]
-    if not (constant_weight(weight) or (include_quantized and dequantized_constant(weight))):
-        return None
-    axes = layer_axes(node, index, len(weight.shape or ()))
-    return None if axes is None else WeightLayer(node, weight, *axes)
+    indices = (1, 2) if node.op_type in RECURRENT else (0,) if node.op_type == "Gather" else (1,)
+    found = []
+    for index in indices:
+        weight = node.inputs[index] if len(node.inputs) > index else None
+        if not (constant_weight(weight) or (include_quantized and dequantized_constant(weight))):
+            continue
+        axes = layer_axes(node, index, len(weight.shape or ()))
+        if axes is not None:
+            found.append(WeightLayer(node, weight, *axes))
+    return found
+
+
+def weight_layer(node: ir.Node, include_quantized: bool = False) -> WeightLayer | None:
+    """The node's first layer view (`weight_layers`), or None."""
+    layers = weight_layers(node, include_quantized)
+    return layers[0] if layers else None
 
 
 def _swaps_matrix(node: ir.Node) -> bool:
@@ -179,11 +197,7 @@ def reduction_depth(layer: WeightLayer) -> int:
 
 def find_weight_layers(graph: ir.Graph, include_quantized: bool = False) -> list[WeightLayer]:
     """Every quantizable layer of the graph and its subgraphs, in graph order."""
-    return [
-        layer
-        for node in ir.traversal.RecursiveGraphIterator(graph)
-        if (layer := weight_layer(node, include_quantized))
-    ]
+    return [layer for node in ir.traversal.RecursiveGraphIterator(graph) for layer in weight_layers(node, include_quantized)]
 
 
 # Operators that only a quantized model holds (ONNX's and onnxruntime's contrib ops).

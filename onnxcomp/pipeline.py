@@ -71,6 +71,20 @@ def compress(
     return model, report
 
 
+def _left_float(report: Report) -> dict[str, str]:
+    """The layers left in float, by kind, and their share of the layers' weight bytes (each
+    one's reason is in its row of the report)."""
+    left = [r for r in report.layers if not r.bits]
+    if not left:
+        return {}
+    kinds: dict[str, int] = {}
+    for record in left:
+        kinds[record.op] = kinds.get(record.op, 0) + 1
+    share = sum(r.bytes_before for r in left) / max(sum(r.bytes_before for r in report.layers), 1)
+    by_kind = ", ".join(f"{op} {count}" for op, count in sorted(kinds.items()))
+    return {"left float": f"{len(left)} layers ({by_kind}), {share:.1%} of the layers' weight bytes"}
+
+
 def compress_file(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -91,6 +105,7 @@ def compress_file(
     quantized = sum(1 for r in report.layers if r.bits)
     report.totals.update({
         "layers quantized": f"{quantized} of {len(report.layers)}",
+        **_left_float(report),
         "file size before": before,
         "file size after": after,
         "ratio": round(after / before, 4) if before else 0.0,

@@ -21,12 +21,13 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 import graphs
+from crafted import CRAFTED, craft, join, split
 import onnxcomp
 from conftest import MODELS, ROOT
-from onnxcomp.container.format import MAGIC, VERSION, ContainerError, pack, pack_to, read_toc, unpack
+from onnxcomp.container.format import ContainerError, pack, pack_to, read_toc, unpack
 from test_cli import _one_line_error, invoke
 
 DIGITS = MODELS / "digits_cnn.onnx"
@@ -37,58 +38,6 @@ def q4(tmp_path_factory):
     path = tmp_path_factory.mktemp("q4") / "digits.q4.onnx"
     assert invoke("compress", DIGITS, "--bits", 4, "-o", path, "-q").exit_code == 0
     return path
-
-
-# --- crafting containers whose checksums still pass ------------------------------------
-
-
-def _split(blob: bytes) -> tuple[dict, bytes]:
-    (length,) = struct.unpack_from("<Q", blob, len(MAGIC) + 1)
-    start = len(MAGIC) + 1 + 8
-    toc = json.loads(zstandard.ZstdDecompressor().decompress(blob[start : start + length]))
-    return toc, blob[start + length + 4 :]
-
-
-def _join(toc_bytes: bytes, sections: bytes) -> bytes:
-    return MAGIC + bytes([VERSION]) + struct.pack("<Q", len(toc_bytes)) + toc_bytes + struct.pack("<I", zlib.crc32(toc_bytes)) + sections
-
-
-def craft(blob: bytes, mutate) -> bytes:
-    """The container with its table changed by `mutate(toc)` and the table's CRC recomputed."""
-    toc, sections = _split(blob)
-    mutate(toc)
-    return _join(zstandard.ZstdCompressor().compress(json.dumps(toc).encode()), sections)
-
-
-def _first_tensor(toc):
-    return next(s for s in toc["sections"] if s["kind"] == "ans")
-
-
-def _set(key, value):
-    return lambda toc: _first_tensor(toc).__setitem__(key, value)
-
-
-def _chunk_symbols(value):
-    return lambda toc: _first_tensor(toc)["chunks"][0].__setitem__(0, value)
-
-
-CRAFTED = {
-    "chunk claims 1e9 symbols": _chunk_symbols(10**9),
-    "tensor claims 1e13 elements": _set("elements", 10**13),
-    "negative offset": _set("offset", -5),
-    "offset past the file": _set("offset", 10**12),
-    "4-bit tensor called 3-bit": _set("bits", 3),
-    "counts that do not add up": lambda toc: _first_tensor(toc).__setitem__("counts", [1] * 16),
-    "counts of the wrong type": lambda toc: _first_tensor(toc).__setitem__("counts", "many"),
-    "model size 1 PiB": lambda toc: toc.__setitem__("size", 1 << 50),
-    "file claims 4 TiB + 1": lambda toc: toc.__setitem__("size", (1 << 42) + 1),
-    "sections not a list": lambda toc: toc.__setitem__("sections", {"a": 1}),
-    "unknown section kind": lambda toc: toc["sections"].append({"kind": "exec", "file": 0, "length": 0, "crc32": 0}),
-    "second skeleton": lambda toc: toc["sections"].append({"kind": "skeleton", "file": 0, "length": 0, "crc32": 0}),
-    "extra key": lambda toc: toc.__setitem__("run", "rm -rf /"),
-    "sha256 not hex": lambda toc: toc.__setitem__("sha256", "x" * 64),
-    "chunk length mismatch": lambda toc: _first_tensor(toc)["chunks"][0].__setitem__(1, 10**9),
-}
 
 
 @pytest.mark.parametrize("name", sorted(CRAFTED))
@@ -107,7 +56,7 @@ def test_crafted_tables_are_refused_before_decoding(tmp_path, q4, name):
 
 def test_table_that_expands_past_its_cap_is_refused():
     bomb = zstandard.ZstdCompressor(level=19).compress(b" " * ((1 << 26) + 10))  # 64 MiB of spaces, a few kB coded
-    blob = _join(bomb, b"")
+    blob = join(bomb, b"")
     assert len(blob) < 100_000
     with pytest.raises(ContainerError, match="expands beyond"):
         read_toc(blob)
@@ -115,14 +64,14 @@ def test_table_that_expands_past_its_cap_is_refused():
 
 def test_skeleton_that_decompresses_past_its_declared_size_is_refused(tmp_path, q4):
     blob = pack(q4.read_bytes())
-    toc, sections = _split(blob)
+    toc, sections = split(blob)
     skeleton = next(s for s in toc["sections"] if s["kind"] == "skeleton")
     start = sum(s["length"] for s in toc["sections"][: toc["sections"].index(skeleton)])
     bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (256 << 20))  # 256 MiB of zeros in a few kB
     sections = sections[:start] + bomb + sections[start + skeleton["length"] :]
     skeleton.update(length=len(bomb), crc32=zlib.crc32(bomb))
     path = tmp_path / "bomb.onnxc"
-    path.write_bytes(_join(zstandard.ZstdCompressor().compress(json.dumps(toc).encode()), sections))
+    path.write_bytes(join(zstandard.ZstdCompressor().compress(json.dumps(toc).encode()), sections))
     _one_line_error(invoke("unpack", path, "-o", tmp_path / "out.onnx"), "more bytes than its table declares")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.onnxc"]
 

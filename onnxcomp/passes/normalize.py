@@ -146,9 +146,10 @@ class NormalizePass(ir.passes.InPlacePass):
         freed = free_unset_dims(model)
         if freed:
             self.report.note("normalize", "shapes", f"dimensions declared -1 or 0 made free on {', '.join(freed)}")
-        raised = False
-        if find_weight_layers(model.graph):  # no layer to quantize, no opset to raise
-            raised = raise_opset(model, self.target_opset)
+        layers = find_weight_layers(model.graph)
+        # Recurrent weights get one scale per gate unit and direction: blockwise, opset 21.
+        target = max(self.target_opset, 21) if any(layer.recurrent for layer in layers) else self.target_opset
+        raised = bool(layers) and raise_opset(model, target)  # no layer to quantize, no opset to raise
         if raised:
-            self.report.note("normalize", "opset", f"raised from {before} to {self.target_opset}")
+            self.report.note("normalize", "opset", f"raised from {before} to {target}")
         return ir.passes.PassResult(model, modified=lifted or raised or bool(freed) or constants > 0 or folded)

@@ -66,6 +66,10 @@ def layout(layer: WeightLayer, config: QuantConfig) -> tuple[int | None, int | N
     shape = layer.weight.shape
     if config.granularity is Granularity.TENSOR:
         return None, None, "tensor", ""
+    if layer.recurrent and config.granularity is Granularity.CHANNEL:
+        # One scale per gate unit and direction: blocks as long as the row (DequantizeLinear's
+        # axis takes one dimension only, and the directions are another).
+        return layer.reduction_axis, shape[layer.reduction_axis], "channel", ""
     if config.granularity is Granularity.BLOCK:
         depth = shape[layer.reduction_axis]
         if depth % config.block_size == 0:
@@ -274,6 +278,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             record.note = reason
             return planned
         axis, block_size, record.granularity, planned.note = layout(layer, self.config)
+        if layer.recurrent and (self.config.rounding == "optq" or self.config.magr):
+            planned.note = _joined(planned.note, "recurrent weights are rounded to nearest (no OPTQ or MagR statistics)")
         planned.grid = grid_for(bits, self.config.asymmetric)
         if self.config.range_search or self.config.sqrt:
             inputs = None if gram is None else InputStatistics(gram.matrix)

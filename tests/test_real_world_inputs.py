@@ -202,3 +202,31 @@ def test_recurrent_weights_are_quantized_per_gate_unit_and_direction(tmp_path, o
     x = {"x": rng.normal(size=(7, 3, inputs)).astype(np.float32)}
     ref, got = outputs(source, x)["y"], outputs(out, x)["y"]
     assert np.linalg.norm(ref - got) < tolerance * np.linalg.norm(ref)  # relative L2 error
+
+
+def test_act_bits_with_calibration_images_of_three_widths(tmp_path):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 32, W] image) => (float[N, 10] logits) {
+        a = Conv<pads = [1, 1, 1, 1]>(image, w1)
+        b = Relu(a)
+        c = Conv<pads = [1, 1, 1, 1], strides = [2, 2]>(b, w2)
+        d = Relu(c)
+        e = GlobalAveragePool(d)
+        f = Flatten(e)
+        logits = Gemm<transB = 1>(f, w3)
+    }
+    """
+    source = _save(graphs.parsed(text, {"w1": (16, 3, 3, 3), "w2": (32, 16, 3, 3), "w3": (10, 32)}), tmp_path / "m.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i, width in enumerate((40, 57, 96)):  # recognizer crops of different widths
+        np.savez(calib / f"{i}.npz", image=rng.normal(size=(4, 3, 32, width)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    result = invoke("compress", source, "--act-bits", 8, "--calib", calib, "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert op_count(out, "QuantizeLinear") >= 3
+    x = {"image": rng.normal(size=(2, 3, 32, 71)).astype(np.float32)}
+    ref, got = outputs(source, x)["logits"], outputs(out, x)["logits"]
+    assert np.linalg.norm(ref - got) < 0.05 * np.linalg.norm(ref)

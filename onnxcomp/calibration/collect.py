@@ -180,7 +180,7 @@ def collect(
         siblings.append(layer)
     for value in values:
         if fetchable(value, graph):
-            stats.activations[value] = ActivationStatistics()
+            stats.activations[value] = ActivationStatistics(channel_axis=_channel_axis(value))
     wanted = list(dict.fromkeys([*by_value, *stats.activations]))
     if not wanted:
         return stats
@@ -207,6 +207,13 @@ def collect(
                     _update(stats, value, results[value.name], by_value.get(value, ()), number, _count(feeds), calibration)
                 bar.update(_count(feeds))
     return stats
+
+
+def _channel_axis(value: ir.Value) -> int:
+    """Where a value's channels are: axis 1 when a convolution reads it (NCHW), else the
+    last axis (a matrix product's features)."""
+    convolved = any(user.op_type in ("Conv", "ConvTranspose") and index == 0 for user, index in value.uses())
+    return 1 if convolved else -1
 
 
 def _count(feeds: Feeds) -> int:

@@ -148,10 +148,13 @@ class ActivationStatistics:
     maximum: float = -math.inf
     count: int = 0
     histogram: Histogram = field(default_factory=Histogram)
-    # Per index of the last axis (a token's features): min, max and mean square.
+    # Per channel (the last axis: a token's features; axis 1 for a convolution's input):
+    # min, max and mean square, reduced over every other axis, whatever each sample's size.
+    channel_axis: int = -1
     channel_min: np.ndarray | None = None
     channel_max: np.ndarray | None = None
     channel_sum_squares: np.ndarray | None = None
+    channels_vary: bool = False  # the axis changed size between batches: no per-channel statistics
     rows: int = 0
 
     def add(self, values: np.ndarray) -> None:
@@ -162,15 +165,21 @@ class ActivationStatistics:
         self.maximum = max(self.maximum, float(values.max()))
         self.count += int(values.size)
         self.histogram.add(values)
-        if values.ndim:
-            rows = values.reshape(-1, values.shape[-1]).astype(np.float64)
+        needed = self.channel_axis + 1 if self.channel_axis >= 0 else -self.channel_axis
+        if values.ndim >= needed and not self.channels_vary:
+            channels = np.moveaxis(values, self.channel_axis, -1)
+            rows = channels.reshape(-1, channels.shape[-1]).astype(np.float64)
             low, high, squares = rows.min(axis=0), rows.max(axis=0), np.einsum("ij,ij->j", rows, rows)
             if self.channel_min is None:
                 self.channel_min, self.channel_max, self.channel_sum_squares = low, high, squares
-            else:
+            elif len(low) == len(self.channel_min):
                 self.channel_min = np.minimum(self.channel_min, low)
                 self.channel_max = np.maximum(self.channel_max, high)
                 self.channel_sum_squares = self.channel_sum_squares + squares
+            else:  # the axis changes size, so it is no channel axis: keep the range and histogram only
+                self.channel_min = self.channel_max = self.channel_sum_squares = None
+                self.channels_vary = True
+                return
             self.rows += rows.shape[0]
 
     @property

@@ -118,7 +118,7 @@ def _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean
     )
 
 
-def _compress_and_pack(source: Path, target: Path, config, calibration, progress: bool):
+def _compress_and_pack(source: Path, target: Path, config, calibration, progress: bool, check: bool):
     """Compress to a temporary QDQ model beside the target, then pack it into `target`."""
     import tempfile
 
@@ -129,7 +129,7 @@ def _compress_and_pack(source: Path, target: Path, config, calibration, progress
     check_output_path(target, source)
     with tempfile.TemporaryDirectory(dir=target.resolve().parent, prefix=".onnxcomp-") as tmp:
         qdq = Path(tmp) / (source.stem + ".onnx")
-        report = compress_file(source, qdq, config, calibration=calibration, progress=progress)
+        report = compress_file(source, qdq, config, calibration=calibration, progress=progress, check=check)
         _, packed = pack_file(qdq, target)
     report.totals["container size"] = packed
     report.totals["container ratio"] = round(packed / report.totals["file size before"], 4)
@@ -208,11 +208,14 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @click.option("--entropy-code", is_flag=True, default=False,
               help="Write an .onnxc container (integer weights ANS-coded; `onnxcomp unpack` gives the QDQ model back).")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
+@click.option("--no-check", is_flag=True, default=False,
+              help="Skip the end-to-end check (the output against the input on a few calibration samples, with a "
+                   "warning below cosine 0.9).")
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
 @_one_line_errors
 def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits, gather_bits,
              range_search, range_scope, range_objective, range_min, sqrt, bias_correction, magr, magr_alpha, magr_iters, rounding, optq_damp, optq_act_order, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
-             calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, device, entropy_code, report_json, quiet):
+             calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, device, entropy_code, report_json, no_check, quiet):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
     from onnxcomp.calibration.analysis import Calibration
@@ -240,9 +243,9 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
         check_free_space(target.resolve().parent, source.stat().st_size * max(bits, 4) // 16, "the output")
     warnings.showwarning = _show_warnings
     if entropy_code:
-        report = _compress_and_pack(source, target, config, calibration, progress=not quiet)
+        report = _compress_and_pack(source, target, config, calibration, progress=not quiet, check=not no_check)
     else:
-        report = compress_file(source, target, config, calibration=calibration, progress=not quiet)
+        report = compress_file(source, target, config, calibration=calibration, progress=not quiet, check=not no_check)
     if report_json:
         write_text_atomic(report_json, report.to_json())
     if not quiet:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from onnxcomp.calibration.analysis import Calibration
+from onnxcomp.calibration.analysis import NO_DATA, Calibration
+from onnxcomp.check import SAMPLES, end_to_end_check, warn_if_far
 from onnxcomp.config import QuantConfig
 from onnxcomp.errors import AlreadyQuantizedError
+from onnxcomp.feeds import index_bounds, input_specs, synthetic_feeds
 from onnxcomp.layers import quantized_parts
 from onnxcomp.modelio import check_output_path, load_model, save_model
 from onnxcomp.passes.finite import check_computed_finite, nonfinite_initializers
@@ -85,6 +88,17 @@ def _left_float(report: Report) -> dict[str, str]:
     return {"left float": f"{len(left)} layers ({by_kind}), {share:.1%} of the layers' weight bytes"}
 
 
+def _check_feeds(model: ir.Model, calibration: Calibration) -> tuple[dict[str, np.ndarray], str] | None:
+    """A few samples for the end-to-end check: the calibration data's first, or synthetic
+    inputs (silently: they only measure); none where --calib none forbids made-up inputs."""
+    if isinstance(calibration.data, str) and calibration.data == NO_DATA:
+        return None
+    if calibration.user_data:
+        batch = next(calibration.dataset(model, "the end-to-end check").batches(), None)
+        return (None if batch is None else {k: v[:SAMPLES] for k, v in batch.items()}), "calibration"
+    return synthetic_feeds(input_specs(model), index_bounds(model), batch=2), "synthetic"
+
+
 def compress_file(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -92,12 +106,22 @@ def compress_file(
     *,
     calibration: Calibration | None = None,
     progress: bool = False,
+    check: bool = True,
 ) -> Report:
-    """Load, compress and atomically save; the source file is only read."""
+    """Load, compress and atomically save; the source file is only read. With `check`, the
+    output is compared with the source on a few samples (the report's "end-to-end check";
+    a warning when far)."""
     check_output_path(output, source)
+    calibration = calibration if calibration is not None else Calibration(progress=progress)
     model = load_model(source)
     model, report = compress(model, config, calibration=calibration, progress=progress)
     save_model(model, output, source=source)
+    feeds = _check_feeds(model, calibration) if check else None
+    if feeds is not None and feeds[0] is not None:
+        result = end_to_end_check(source, output, *feeds)
+        if result is not None:
+            report.totals["end-to-end check"] = result.summary()
+            warn_if_far(result)
     before, after = Path(source).stat().st_size, Path(output).stat().st_size
     data = Path(str(output) + ".data")
     if data.exists():

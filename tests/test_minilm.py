@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -50,3 +52,22 @@ def test_every_combination_is_valid_and_runs(tmp_path, minilm, minilm_feeds, bit
     assert sum(1 for r in report.layers if r.bits) == len(report.layers) >= 38
     embeddings = outputs(target, minilm_feeds)["sentence_embedding"]
     assert embeddings.shape == (len(minilm_feeds["input_ids"]), 384) and np.isfinite(embeddings).all()
+
+
+def test_end_to_end_check_warns_on_a_collapse_and_not_otherwise(tmp_path, minilm, minilm_calib):
+    from click.testing import CliRunner
+
+    from onnxcomp.cli import main
+
+    runner = CliRunner()
+    collapsed = runner.invoke(main, ["compress", str(minilm), "--bits", "2", "-o", str(tmp_path / "q2.onnx"), "-q",
+                                     "--calib", str(minilm_calib), "--report-json", str(tmp_path / "r2.json")])
+    assert collapsed.exit_code == 0, collapsed.output
+    assert "far from the original" in collapsed.stderr and "--granularity block" in collapsed.stderr
+    fine = runner.invoke(main, ["compress", str(minilm), "--bits", "8", "-o", str(tmp_path / "q8.onnx"), "-q",
+                                "--calib", str(minilm_calib), "--report-json", str(tmp_path / "r8.json")])
+    assert fine.exit_code == 0 and "far from the original" not in fine.stderr
+    for name, low, high in (("r2.json", 0.0, 0.5), ("r8.json", 0.99, 1.0)):
+        summary = json.loads((tmp_path / name).read_text())["totals"]["end-to-end check"]
+        cosine = float(summary.split("cosine ")[1].split()[0])
+        assert low <= cosine <= high and "8 calibration samples" in summary

@@ -1,9 +1,29 @@
-"""onnxcomp: offline compression of ONNX models into quantized models stock onnxruntime runs."""
+"""onnxcomp: offline compression of ONNX models into quantized models stock onnxruntime runs.
 
-from onnxcomp.config import Granularity, QuantConfig
-from onnxcomp.errors import OnnxcompError
-from onnxcomp.pipeline import compress, compress_file
-from onnxcomp.session import InferenceSession
+The names below are imported on first use, so that `import onnxcomp` (and `onnxcomp --help`)
+does not load onnx, onnxruntime and numpy before they are needed.
+"""
 
-__all__ = ["Granularity", "InferenceSession", "OnnxcompError", "QuantConfig", "compress", "compress_file"]
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Granularity": "onnxcomp.config",
+    "QuantConfig": "onnxcomp.config",
+    "OnnxcompError": "onnxcomp.errors",
+    "compress": "onnxcomp.pipeline",
+    "compress_file": "onnxcomp.pipeline",
+    "InferenceSession": "onnxcomp.session",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'onnxcomp' has no attribute {name!r}")

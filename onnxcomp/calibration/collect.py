@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-from tqdm import tqdm
+from onnxcomp.progress import stage
 
 from onnxcomp.calibration.sources import CalibrationSet, Feeds
 from onnxcomp.calibration.statistics import ActivationStatistics, Gram, LayerStatistics
@@ -197,7 +197,7 @@ def collect(
         probe = None  # one session per group instead; do not hold two copies of the weights
 
     total = calibration.samples * len(groups) if calibration.samples else None
-    with tqdm(total=total, desc="calibrate", unit="sample", disable=not progress, leave=False, mininterval=0, miniters=1) as bar:
+    with stage(total=total, desc="calibrate", unit="sample", enabled=progress) as bar:
         for index, group in enumerate(groups):
             session = probe if len(groups) == 1 else FetchSession(model, group, device, synthetic=calibration.synthetic)
             stream = itertools.chain([first], batches) if index == 0 else calibration.batches()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
-from tqdm import tqdm
+from onnxcomp.progress import stage
 
 from onnxcomp.calibration.collect import FetchSession, fetchable, row_chunks, same_rows
 from onnxcomp.calibration.sources import CalibrationSet
@@ -79,7 +79,7 @@ class SequentialStatistics:
         current = FetchSession(model, [value], self.device, prefix=True, synthetic=synthetic)
         reference = FetchSession(self.reference, [value], self.device, prefix=True, synthetic=synthetic)  # found by name
         total = self.calibration.samples or None
-        with tqdm(total=total, desc=f"calibrate {value.name}", unit="sample", disable=not self.progress, leave=False) as bar:
+        with stage(total=total, desc=f"calibrate {value.name}", unit="sample", enabled=self.progress) as bar:
             for number, feeds in enumerate(self.calibration.batches()):
                 x = current.run(feeds)[value.name]
                 x_reference = reference.run(feeds)[value.name]

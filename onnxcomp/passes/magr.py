@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import onnx_ir as ir
-from tqdm import tqdm
+from onnxcomp.progress import stage
 
 from onnxcomp.calibration.analysis import Calibration, CalibrationWarning
 from onnxcomp.config import Granularity, QuantConfig
@@ -77,7 +77,7 @@ class MagrPass(ir.passes.InPlacePass):
             _, block_size, _, _ = layout(layer, self.config)
             batches.setdefault((id(record.gram), block_size, layer.node.op_type), []).append(layer)
         modified = False
-        for batch in tqdm(list(batches.values()), desc="magr", unit="solve", disable=not self.progress, leave=False):
+        for batch in stage(list(batches.values()), desc="magr", unit="solve", enabled=self.progress):
             gram = stats.layers[batch[0].node].gram
             modified |= self._reduce(batch, gram.matrix, gram.rows)
         if modified:

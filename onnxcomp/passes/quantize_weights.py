@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from tqdm import tqdm
+from onnxcomp.progress import stage
 
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.calibration.sequential import PairedGram, SequentialStatistics
@@ -217,7 +217,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             grams = {node: record.gram for node, record in stats.layers.items()}
         names = NameAllocator(graph)
         edge = {id(layers[0]), id(layers[-1])} if layers and self.config.keep_first_last_bits else set()
-        bar = tqdm(total=len(layers), desc="quantize", unit="layer", disable=not self.progress or len(layers) < 8, leave=False)
+        bar = stage(total=len(layers), desc="quantize", unit="layer", enabled=self.progress and len(layers) >= 8)
         window, held = [], 0  # layers held back so that OPTQ can round those of one shape together
         modified = False
         for layer in layers:

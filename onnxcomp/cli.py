@@ -205,6 +205,9 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @_calibration_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help="Where calibration (onnxruntime's CUDA provider) and the MagR and OPTQ solvers (torch) run.")
+@click.option("--target", type=click.Choice(["onnxruntime", "portable"]), default="onnxruntime",
+              help="The runtime the graph is written for: onnxruntime (its contrib operators where they run faster, "
+                   "e.g. GatherBlockQuantized for 4-bit embedding tables) or portable (standard ONNX operators only).")
 @click.option("--entropy-code", is_flag=True, default=False,
               help="Write an .onnxc container (integer weights ANS-coded; `onnxcomp unpack` gives the QDQ model back).")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
@@ -215,7 +218,7 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 @_one_line_errors
 def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits, gather_bits,
              range_search, range_scope, range_objective, range_min, sqrt, bias_correction, magr, magr_alpha, magr_iters, rounding, optq_damp, optq_act_order, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
-             calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, device, entropy_code, report_json, no_check, quiet):
+             calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, device, target, entropy_code, report_json, no_check, quiet):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
     from onnxcomp.calibration.analysis import Calibration
@@ -229,7 +232,7 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
         sqrt=sqrt, bias_correction=bias_correction, magr=magr, magr_alpha=magr_alpha, magr_iters=magr_iters,
         rounding=rounding, optq_damp=optq_damp, optq_act_order=optq_act_order,
         act_bits=act_bits, act_calib=act_calib, percentile=percentile, act_min_depth=act_min_depth,
-        smooth=not no_smooth, smooth_alpha=smooth_alpha,
+        smooth=not no_smooth, smooth_alpha=smooth_alpha, target=target,
     )
     calibration = Calibration(
         calib, _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean, std, layout), device=device, progress=not quiet

@@ -13,6 +13,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 ACTIVATION_BITS = (8,)
 ACTIVATION_METHODS = ("minmax", "percentile", "mse")
 RANGE_OBJECTIVES = ("mse", "output", "sequential")
+TARGETS = ("onnxruntime", "portable")
 
 
 class Granularity(str, enum.Enum):
@@ -55,6 +56,9 @@ class QuantConfig:
     optq_act_order: bool = False  # round the most used inputs first
     smooth: bool = True  # with act_bits: migrate activation outliers into the weights
     smooth_alpha: float | None = None  # None: chosen per input from a grid
+    # "onnxruntime": the graph a plain onnxruntime session runs fastest (its contrib ops where
+    # they pay); "portable": standard ONNX operators only.
+    target: str = "onnxruntime"
 
     def __post_init__(self) -> None:
         try:
@@ -106,6 +110,8 @@ class QuantConfig:
             )
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"--smooth-alpha {self.smooth_alpha} must be in [0, 1]")
+        if self.target not in TARGETS:
+            raise ConfigError(f"--target {self.target} is not supported; choose one of {', '.join(TARGETS)}")
         if self.min_elements < 0:
             raise ConfigError(f"--min-elements {self.min_elements} is negative; use 0 or more")
         if self.exclude is not None:

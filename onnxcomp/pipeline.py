@@ -18,6 +18,7 @@ from onnxcomp.layers import quantized_parts
 from onnxcomp.modelio import check_output_path, load_model, save_model
 from onnxcomp.passes.finite import check_computed_finite, nonfinite_initializers
 from onnxcomp.passes.fold_bn import FoldBatchNormPass
+from onnxcomp.passes.gather_decode import GatherDecodePass
 from onnxcomp.passes.magr import MagrPass
 from onnxcomp.passes.normalize import NormalizePass
 from onnxcomp.passes.quantize_activations import QuantizeActivationsPass
@@ -35,6 +36,7 @@ def build_passes(
     if config.magr:
         passes.append(MagrPass(config, calibration, report, device=calibration.device, progress=progress))
     passes.append(QuantizeWeightsPass(config, report, progress=progress, calibration=calibration))
+    passes.append(GatherDecodePass(report, onnxruntime=config.target == "onnxruntime"))
     if config.act_bits:
         passes += [TopologicalSortPass(), QuantizeActivationsPass(config, calibration, report)]
     return passes + [RemoveUnusedNodesPass(), TopologicalSortPass()]

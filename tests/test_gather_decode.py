@@ -1,0 +1,65 @@
+"""Embedding tables decode only the rows a run looks up, with the same numbers as decoding
+the whole table."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import graphs
+from conftest import op_count, outputs
+from test_cli import invoke
+
+TABLE = """
+<ir_version: 8, opset_import: ["" : 17]>
+embed (int64[batch, sequence] ids) => (float[batch, sequence, 8] y) {
+    rows = Gather(table, ids)
+    y = MatMul(rows, w)
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("g") / "embed.onnx"
+    onnx.save(graphs.parsed(TABLE, {"table": (100, 64), "w": (64, 8)}), path)
+    return path
+
+
+FEEDS = {"ids": np.random.default_rng(0).integers(0, 100, size=(3, 7))}
+
+
+@pytest.mark.parametrize("args, form", [
+    (["--bits", 8], "Mul"),
+    (["--bits", 8, "--asymmetric"], "Mul"),
+    (["--bits", 8, "--granularity", "block", "--block-size", 16], "DequantizeLinear"),
+    (["--bits", 4, "--granularity", "block", "--block-size", 16], "GatherBlockQuantized"),
+    (["--bits", 4, "--granularity", "block", "--block-size", 32, "--asymmetric"], "GatherBlockQuantized"),
+    (["--bits", 4], "GatherBlockQuantized"),  # one scale per row of 64: a block as long as the row
+])
+def test_gathered_rows_decode_like_the_whole_table(tmp_path, source, args, form):
+    rows, whole = tmp_path / "rows.onnx", tmp_path / "whole.onnx"
+    assert invoke("compress", source, *args, "-o", rows, "-q", "--no-check").exit_code == 0
+    assert invoke("compress", source, *args, "--target", "portable", "-o", whole, "-q", "--no-check").exit_code == 0
+    graph = onnx.load(rows).graph
+    table_decoders = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("table")]
+    assert all(n.input[0] not in {i.name for i in graph.initializer} for n in table_decoders)  # no whole-table decode
+    assert op_count(rows, form) >= 1
+    np.testing.assert_array_equal(outputs(rows, FEEDS)["y"], outputs(whole, FEEDS)["y"])
+
+
+def test_portable_target_uses_standard_operators_only(tmp_path, source):
+    out = tmp_path / "p.onnx"
+    assert invoke("compress", source, "--bits", 4, "--granularity", "block", "--block-size", 16, "--target", "portable",
+                  "-o", out, "-q").exit_code == 0
+    assert {n.domain for n in onnx.load(out).graph.node} <= {"", "ai.onnx"}
+
+
+def test_tied_table_keeps_one_decode(tmp_path):
+    source = tmp_path / "decoder.onnx"
+    onnx.save(graphs.decoder(), source)
+    out = tmp_path / "q.onnx"
+    assert invoke("compress", source, "--bits", 8, "-o", out, "-q").exit_code == 0
+    graph = onnx.load(out).graph
+    assert sum(1 for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("embed")) == 1

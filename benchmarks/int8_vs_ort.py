@@ -19,7 +19,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from onnxcomp import QuantConfig, compress_file
 from onnxcomp.runtime import make_session, run
-from onnxcomp.verify import mean_cosine
+from onnxcomp.fidelity import mean_cosine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved_latency_ms  # noqa: E402

@@ -21,7 +21,7 @@ from onnxcomp import QuantConfig, compress_file
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.kernels.magr import magr
 from onnxcomp.runtime import make_session, run
-from onnxcomp.verify import mean_cosine
+from onnxcomp.fidelity import mean_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 MINILM = ROOT / "build" / "zoo" / "minilm"

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from onnxcomp import QuantConfig, compress
+from onnxcomp import QuantConfig
+from onnxcomp.pipeline import compress_model
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.modelio import load_model, save_model
 from onnxcomp.runtime import make_session, run, session_options
-from onnxcomp.verify import mean_cosine
+from onnxcomp.fidelity import mean_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,7 +72,7 @@ def main() -> None:
                 for method, (stem, options) in METHODS.items():
                     data = calib if options.get("range_objective", "mse") != "mse" else None
                     start = time.perf_counter()
-                    compressed, report = compress(load_model(model), QuantConfig(bits=bits, **options), calibration=Calibration(data))
+                    compressed, report = compress_model(load_model(model), QuantConfig(bits=bits, **options), calibration=Calibration(data))
                     seconds = time.perf_counter() - start
                     path = tmp / f"{name.split()[0]}-{bits}-{stem}.onnx"
                     save_model(compressed, path)

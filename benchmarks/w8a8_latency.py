@@ -24,7 +24,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxcomp import QuantConfig, compress_file
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.runtime import make_session, run
-from onnxcomp.verify import mean_cosine
+from onnxcomp.fidelity import mean_cosine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -14,8 +14,13 @@ _EXPORTS = {
     "Granularity": "onnxcomp.config",
     "QuantConfig": "onnxcomp.config",
     "OnnxcompError": "onnxcomp.errors",
-    "compress": "onnxcomp.pipeline",
+    "compress": "onnxcomp.api",
+    "Result": "onnxcomp.api",
     "compress_file": "onnxcomp.pipeline",
+    "verify": "onnxcomp.fidelity",
+    "Calibration": "onnxcomp.calibration.analysis",
+    "CalibOptions": "onnxcomp.calibration.sources",
+    "Report": "onnxcomp.report",
     "InferenceSession": "onnxcomp.session",
 }
 __all__ = sorted(_EXPORTS)

@@ -12,7 +12,7 @@ import numpy as np
 
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.runtime import make_session, run
-from onnxcomp.verify import fidelity
+from onnxcomp.fidelity import fidelity
 
 SAMPLES = 8
 WARN_BELOW = 0.9  # mean output cosine to FP32

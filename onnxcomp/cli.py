@@ -136,6 +136,19 @@ def _compress_and_pack(source: Path, target: Path, config, calibration, progress
     return report
 
 
+def _load_config(ctx: click.Context, path: str | None) -> None:
+    """--config: the file's options become the command's defaults (flags given still win)."""
+    if path is None:
+        return
+    from onnxcomp import runconfig
+
+    try:
+        options = runconfig.read(path, {p.name for p in ctx.command.params})
+    except OnnxcompError as err:
+        _fail(str(err))
+    ctx.default_map = {**(ctx.default_map or {}), **options}
+
+
 def _check_container_name(target: Path, what: str) -> None:
     """A container under an .onnx name would be handed to onnxruntime, which cannot open it."""
     if target.suffix != ".onnxc":
@@ -215,12 +228,23 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
               help="Skip the end-to-end check (the output against the input on a few calibration samples, with a "
                    "warning below cosine 0.9).")
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, is_eager=True, expose_value=False,
+              callback=lambda ctx, param, value: _load_config(ctx, value),
+              help="Take the options from this TOML file (the flags' names: block-size = 32); flags given on the "
+                   "command line win.")
+@click.option("--dump-config", is_flag=True, default=False,
+              help="Print every option of this run as TOML for --config, and stop.")
 @_one_line_errors
 def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits, gather_bits,
              range_search, range_scope, range_objective, range_min, sqrt, bias_correction, magr, magr_alpha, magr_iters, rounding, optq_damp, optq_act_order, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
-             calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, device, target, entropy_code, report_json, no_check, quiet):
+             calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, device, target, entropy_code, report_json, no_check, quiet, dump_config):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
+    if dump_config:
+        from onnxcomp import runconfig
+
+        click.echo(runconfig.dump(click.get_current_context().params), nl=False)
+        return
     from onnxcomp.calibration.analysis import Calibration
     from onnxcomp.modelio import check_free_space, check_outputs, write_text_atomic
     from onnxcomp.pipeline import compress_file
@@ -263,7 +287,7 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
 def inspect(model, as_json):
     """Per-layer weight statistics of MODEL: shape, min, max, std, max/std, kurtosis. For an
     .onnxc container: per coded tensor, bits per weight stored against the symbols' entropy."""
-    from onnxcomp.inspect import model_stats, stats_table
+    from onnxcomp.inspect import model_stats, provenance, provenance_line, stats_table
     from onnxcomp.modelio import load_model
 
     if Path(model).suffix == ".onnxc":
@@ -272,8 +296,14 @@ def inspect(model, as_json):
         click.echo(container_table(model, as_json))
         return
 
-    stats = model_stats(load_model(model))
-    click.echo(json.dumps([asdict(s) for s in stats], indent=2) if as_json else stats_table(stats))
+    loaded = load_model(model)
+    stats, made = model_stats(loaded), provenance(loaded)
+    if as_json:
+        click.echo(json.dumps({"layers": [asdict(s) for s in stats], "made": made}, indent=2))
+        return
+    click.echo(stats_table(stats))
+    if made is not None:
+        click.echo(provenance_line(made))
 
 
 @main.command()
@@ -339,7 +369,7 @@ def calib_info(model, calib, calib_samples, calib_batch, calib_positions, image_
 @_one_line_errors
 def verify(reference, candidate, inputs, min_cosine, accuracy_level, device, as_json):
     """Run REFERENCE and CANDIDATE on the same inputs; per output: cosine, SNR (dB), max abs error."""
-    from onnxcomp.verify import verify as run_verify
+    from onnxcomp.fidelity import verify as run_verify
 
     level = None if accuracy_level is None else int(accuracy_level)
     results, source = run_verify(reference, candidate, inputs, level, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import re
@@ -119,6 +120,11 @@ class QuantConfig:
                 re.compile(self.exclude)
             except re.error as err:
                 raise ConfigError(f"--exclude {self.exclude!r} is not a valid regular expression: {err}") from None
+
+    def as_dict(self) -> dict:
+        """Every option by name, values as plain JSON/TOML types."""
+        return {f.name: (v.value if isinstance(v, enum.Enum) else v) for f in dataclasses.fields(self)
+                for v in (getattr(self, f.name),)}
 
     @property
     def all_bits(self) -> tuple[int, ...]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,3 +74,26 @@ def stats_table(stats: list[WeightStats]) -> str:
         for s in stats
     ]
     return format_table(rows)
+
+
+def provenance(model: ir.Model) -> dict | None:
+    """How onnxcomp made this model (from its metadata), or None for a model it did not make."""
+    props = model.metadata_props
+    if "onnxcomp.version" not in props:
+        return None
+    return {
+        "onnxcomp": props["onnxcomp.version"],
+        "onnxruntime": props.get("onnxcomp.onnxruntime"),
+        "calibration": props.get("onnxcomp.calibration"),
+        "options": json.loads(props.get("onnxcomp.options", "{}")),
+    }
+
+
+def provenance_line(made: dict) -> str:
+    """One line: the versions, the calibration data, and the options that differ from the defaults."""
+    from onnxcomp.config import QuantConfig
+
+    defaults = QuantConfig().as_dict()
+    changed = " ".join(f"{k}={v}" for k, v in sorted(made["options"].items()) if defaults.get(k) != v)
+    return (f"made by onnxcomp {made['onnxcomp']} (onnxruntime {made['onnxruntime']}), calibration: {made['calibration']}, "
+            f"options: {changed or 'the defaults'}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
@@ -15,7 +17,7 @@ from onnxcomp.config import QuantConfig
 from onnxcomp.errors import AlreadyQuantizedError
 from onnxcomp.feeds import index_bounds, input_specs, synthetic_feeds
 from onnxcomp.layers import quantized_parts
-from onnxcomp.modelio import check_output_path, load_model, save_model
+from onnxcomp.modelio import check_output_path, input_files, load_model, save_model
 from onnxcomp.passes.finite import check_computed_finite, nonfinite_initializers
 from onnxcomp.passes.fold_bn import FoldBatchNormPass
 from onnxcomp.passes.gather_decode import GatherDecodePass
@@ -53,7 +55,7 @@ def check_not_quantized(model: ir.Model) -> None:
         )
 
 
-def compress(
+def compress_model(
     model: ir.Model, config: QuantConfig, *, calibration: Calibration | None = None, progress: bool = False
 ) -> tuple[ir.Model, Report]:
     """Run every pass of `config` on `model` in place; return it with the report.
@@ -73,7 +75,28 @@ def compress(
             check_computed_finite(model, getattr(pass_, "label", type(pass_).__name__), allowed)
     if calibration.label:
         report.totals["calibration"] = calibration.label
+    quantized = sum(1 for r in report.layers if r.bits)
+    report.totals.update({"layers quantized": f"{quantized} of {len(report.layers)}", **_left_float(report)})
+    record_provenance(model, report, config, calibration)
     return model, report
+
+
+def record_provenance(model: ir.Model, report: Report, config: QuantConfig, calibration: Calibration) -> None:
+    """How the file was made, in the report and in the model's metadata_props: the options
+    (every field, as `onnxcomp compress --config` takes them), the versions, the data."""
+    import onnxruntime
+
+    from onnxcomp import __version__
+
+    report.options = config.as_dict()
+    report.versions = {"onnxcomp": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
+    source = calibration.label or ("refused (--calib none)" if calibration.data == NO_DATA else "not given")
+    model.metadata_props.update({
+        "onnxcomp.version": __version__,
+        "onnxcomp.options": json.dumps(report.options, sort_keys=True, separators=(",", ":")),
+        "onnxcomp.calibration": source,
+        "onnxcomp.onnxruntime": onnxruntime.__version__,
+    })
 
 
 def _left_float(report: Report) -> dict[str, str]:
@@ -114,26 +137,39 @@ def compress_file(
     output is compared with the source on a few samples (the report's "end-to-end check";
     a warning when far)."""
     check_output_path(output, source)
+    return compress_to_file(load_model(source), output, config, source=source, calibration=calibration,
+                            progress=progress, check=check)[1]
+
+
+def compress_to_file(
+    model: ir.Model,
+    output: str | os.PathLike,
+    config: QuantConfig,
+    *,
+    source: str | os.PathLike | None = None,
+    calibration: Calibration | None = None,
+    progress: bool = False,
+    check: bool = True,
+) -> tuple[ir.Model, Report]:
+    """Compress `model` (loaded from `source`, when it was) and save it atomically to
+    `output`; the model and the report, with sizes and the end-to-end check in its totals."""
     calibration = calibration if calibration is not None else Calibration(progress=progress)
-    model = load_model(source)
-    model, report = compress(model, config, calibration=calibration, progress=progress)
+    before = sum(p.stat().st_size for p in input_files(source) if p.is_file()) if source is not None else None
+    model, report = compress_model(model, config, calibration=calibration, progress=progress)
     save_model(model, output, source=source)
-    feeds = _check_feeds(model, calibration) if check else None
+    feeds = _check_feeds(model, calibration) if check and source is not None else None
     if feeds is not None and feeds[0] is not None:
         result = end_to_end_check(source, output, *feeds)
         if result is not None:
             report.totals["end-to-end check"] = result.summary()
             warn_if_far(result)
-    before, after = Path(source).stat().st_size, Path(output).stat().st_size
+    after = Path(output).stat().st_size
     data = Path(str(output) + ".data")
     if data.exists():
         after += data.stat().st_size
-    quantized = sum(1 for r in report.layers if r.bits)
-    report.totals.update({
-        "layers quantized": f"{quantized} of {len(report.layers)}",
-        **_left_float(report),
-        "file size before": before,
-        "file size after": after,
-        "ratio": round(after / before, 4) if before else 0.0,
-    })
-    return report
+    if before is not None:
+        report.totals.update({"file size before": before})
+    report.totals["file size after"] = after
+    if before:
+        report.totals["ratio"] = round(after / before, 4)
+    return model, report

@@ -57,6 +57,8 @@ class Report:
     magr: list[MagrRecord] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     totals: dict[str, float | int | str] = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # every option of the run, as --config takes them
+    versions: dict[str, str] = field(default_factory=dict)
 
     def note(self, pass_name: str, subject: str, message: str) -> None:
         self.notes.append(Note(pass_name, subject, message))

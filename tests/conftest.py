@@ -11,7 +11,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxcomp import QuantConfig, compress
+from onnxcomp import QuantConfig
+from onnxcomp.pipeline import compress_model
 from onnxcomp.modelio import load_model, save_model
 from onnxcomp.runtime import make_session, run
 
@@ -69,7 +70,7 @@ def minilm_calib(minilm) -> Path:
 
 def compress_to(source: Path, target: Path, **options):
     """Compress `source` with QuantConfig(**options) into `target`; return the report."""
-    model, report = compress(load_model(source), QuantConfig(**options))
+    model, report = compress_model(load_model(source), QuantConfig(**options))
     save_model(model, target)
     return report
 

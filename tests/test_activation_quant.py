@@ -10,10 +10,11 @@ import onnx_ir
 import onnxruntime as ort
 import pytest
 
-from onnxcomp import QuantConfig, compress
+from onnxcomp import QuantConfig
+from onnxcomp.pipeline import compress_model
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.modelio import load_model, save_model
-from onnxcomp.verify import mean_cosine
+from onnxcomp.fidelity import mean_cosine
 
 from conftest import MODELS, outputs
 from digits_accuracy import accuracy
@@ -23,7 +24,7 @@ DIGITS = MODELS / "digits_cnn.onnx"
 
 def w8a8(source, target, calib, **options):
     calibration = Calibration(calib)
-    model, report = compress(load_model(source), QuantConfig(bits=8, act_bits=8, **options), calibration=calibration)
+    model, report = compress_model(load_model(source), QuantConfig(bits=8, act_bits=8, **options), calibration=calibration)
     save_model(model, target)
     return report, calibration
 
@@ -69,9 +70,9 @@ def test_w8a8_digits_flattens_channels_last_without_a_transpose(tmp_path):
 def test_two_bit_layers_keep_float_inputs_and_the_model_loads(tmp_path):
     mixed, weights_only = tmp_path / "w2a8.onnx", tmp_path / "w2.onnx"
     calibration = Calibration(MODELS / "digits_calib.npz")
-    model, report = compress(load_model(DIGITS), QuantConfig(bits=2, keep_first_last_bits=8, act_bits=8), calibration=calibration)
+    model, report = compress_model(load_model(DIGITS), QuantConfig(bits=2, keep_first_last_bits=8, act_bits=8), calibration=calibration)
     save_model(model, mixed)
-    save_model(compress(load_model(DIGITS), QuantConfig(bits=2, keep_first_last_bits=8), calibration=calibration)[0], weights_only)
+    save_model(compress_model(load_model(DIGITS), QuantConfig(bits=2, keep_first_last_bits=8), calibration=calibration)[0], weights_only)
     two_bit = [n for n in report.notes if "2-bit weights" in n.message]
     assert len(two_bit) == 3  # /6, /10 and /14; /17 is the last layer, at 8 bits
     assert accuracy(mixed) >= accuracy(weights_only) - 0.01  # onnxruntime loads and runs it
@@ -105,11 +106,11 @@ def test_smoothing_never_predicts_more_noise_than_none():
 
 
 def test_output_error_is_reported_with_real_calibration(tmp_path):
-    model, report = compress(load_model(DIGITS), QuantConfig(bits=4), calibration=Calibration(MODELS / "digits_calib.npz"))
+    model, report = compress_model(load_model(DIGITS), QuantConfig(bits=4), calibration=Calibration(MODELS / "digits_calib.npz"))
     errors = [r.output_error for r in report.layers]
     assert all(e is not None and 0 < e < 0.05 for e in errors)
     assert "out err" in report.to_table()
-    _, plain = compress(load_model(DIGITS), QuantConfig(bits=4))
+    _, plain = compress_model(load_model(DIGITS), QuantConfig(bits=4))
     assert all(r.output_error is None for r in plain.layers)
 
 
@@ -129,7 +130,7 @@ def test_sequential_range_search_after_smoothing(tmp_path):
     x = rng.standard_normal((128, 32)).astype(np.float32)
     x[:, 3] *= 40  # an outlier channel, which smoothing moves into w1
     config = QuantConfig(bits=4, act_bits=8, range_search=True, range_objective="sequential")
-    model, report = compress(onnx_ir.from_proto(proto), config, calibration=Calibration([{"x": x}]))
+    model, report = compress_model(onnx_ir.from_proto(proto), config, calibration=Calibration([{"x": x}]))
     assert any(n.pass_name == "smooth" for n in report.notes)
     save_model(onnx_ir.from_proto(proto), tmp_path / "fp32.onnx")
     save_model(model, tmp_path / "q.onnx")

@@ -8,7 +8,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from onnxcomp import QuantConfig, compress
+from onnxcomp import QuantConfig
+from onnxcomp.pipeline import compress_model
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.errors import ConfigError
 from onnxcomp.modelio import load_model, save_model
@@ -46,7 +47,7 @@ def test_mean_output_shift_is_removed(tmp_path, kind):
     axes = (0,) if kind == "matmul" else (0, 2, 3)
     shifts = {}
     for corrected in (False, True):
-        model, _ = compress(ir.from_proto(proto), QuantConfig(bits=2, bias_correction=corrected), calibration=Calibration([{"x": x}]))
+        model, _ = compress_model(ir.from_proto(proto), QuantConfig(bits=2, bias_correction=corrected), calibration=Calibration([{"x": x}]))
         save_model(model, tmp_path / "q.onnx")
         shifts[corrected] = np.abs((outputs(tmp_path / "q.onnx", {"x": x}, 0)["y"] - reference).mean(axis=axes)).max()
     interior = 1e-3 if kind == "matmul" else None  # conv borders see padding, whose mean differs
@@ -58,7 +59,7 @@ def test_mean_output_shift_is_removed(tmp_path, kind):
 def test_bias_correction_lifts_2_bit_digits(tmp_path):
     results = []
     for corrected in (False, True):
-        model, report = compress(load_model(MODELS / "digits_cnn.onnx"), QuantConfig(bits=2, bias_correction=corrected),
+        model, report = compress_model(load_model(MODELS / "digits_cnn.onnx"), QuantConfig(bits=2, bias_correction=corrected),
                                  calibration=Calibration(MODELS / "digits_calib.npz"))
         save_model(model, tmp_path / "q.onnx")
         results.append(accuracy(tmp_path / "q.onnx"))
@@ -68,7 +69,7 @@ def test_bias_correction_lifts_2_bit_digits(tmp_path):
 
 def test_bias_correction_needs_calibration():
     with pytest.raises(ConfigError, match="--bias-correction needs calibration data"):
-        compress(ir.from_proto(layer_model("matmul")), QuantConfig(bits=4, bias_correction=True))
+        compress_model(ir.from_proto(layer_model("matmul")), QuantConfig(bits=4, bias_correction=True))
 
 
 def test_sequential_bias_correction_removes_the_drift_from_earlier_layers(tmp_path):
@@ -92,7 +93,7 @@ def test_sequential_bias_correction_removes_the_drift_from_earlier_layers(tmp_pa
     shifts = {}
     for objective in ("output", "sequential"):
         config = QuantConfig(bits=2, range_search=True, range_objective=objective, bias_correction=True)
-        model, _ = compress(ir.from_proto(proto), config, calibration=Calibration([{"x": x}]))
+        model, _ = compress_model(ir.from_proto(proto), config, calibration=Calibration([{"x": x}]))
         save_model(model, tmp_path / "q.onnx")
         shifts[objective] = np.abs(outputs(tmp_path / "q.onnx", {"x": x}, 0)["y"].mean(axis=0) - reference).max()
     assert shifts["sequential"] < 1e-4 < shifts["output"] / 10, shifts

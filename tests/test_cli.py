@@ -56,15 +56,18 @@ def test_verify_reports_and_gates(tmp_path):
 def test_inspect_lists_layer_statistics():
     result = invoke("inspect", DIGITS, "--json")
     assert result.exit_code == 0
-    stats = json.loads(result.output)
+    stats = json.loads(result.output)["layers"]
     assert len(stats) == 6 and all(s["std"] > 0 and s["max_over_std"] > 1 for s in stats)
 
 
 def test_inspect_decodes_quantized_weights(tmp_path):
     out = tmp_path / "q.onnx"
     invoke("compress", DIGITS, "--bits", 4, "-o", out, "-q")
-    stats = json.loads(invoke("inspect", out, "--json").output)
+    data = json.loads(invoke("inspect", out, "--json").output)
+    stats = data["layers"]
     assert {s["storage"] for s in stats} == {"int4"} and len(stats) == 6
+    assert data["made"]["options"]["bits"] == 4 and data["made"]["onnxcomp"]
+    assert "made by onnxcomp" in invoke("inspect", out).output
 
 
 def test_missing_file(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxcomp import QuantConfig, compress
+from onnxcomp import QuantConfig
+from onnxcomp.pipeline import compress_model
 from onnxcomp.container.format import ContainerError, describe, from_symbols, pack, to_symbols, unpack
 from onnxcomp.modelio import load_model, save_model
 
@@ -28,7 +29,7 @@ def test_round_trip_is_byte_identical_for_bundled_models(path):
 def quantized_minilm(minilm, tmp_path_factory):
     paths = {}
     for bits in (8, 4, 2):
-        model, _ = compress(load_model(minilm), QuantConfig(bits=bits))
+        model, _ = compress_model(load_model(minilm), QuantConfig(bits=bits))
         paths[bits] = tmp_path_factory.mktemp("q") / f"minilm.q{bits}.onnx"
         save_model(model, paths[bits])
     return paths
@@ -59,7 +60,7 @@ def test_symbols_round_trip(bits):
 
 @pytest.fixture(scope="module")
 def small_container(tmp_path_factory):
-    model, _ = compress(load_model(MODELS / "digits_cnn.onnx"), QuantConfig(bits=4))
+    model, _ = compress_model(load_model(MODELS / "digits_cnn.onnx"), QuantConfig(bits=4))
     path = tmp_path_factory.mktemp("c") / "digits.q4.onnx"
     save_model(model, path)
     return path.read_bytes(), pack(path.read_bytes())
@@ -214,7 +215,7 @@ def test_only_weight_only_models_are_folded(tmp_path):
     from onnxcomp.session import weight_only
 
     for options, expected in (({"bits": 4}, True), ({"bits": 8, "act_bits": 8}, False)):
-        model, _ = compress(load_model(MODELS / "digits_cnn.onnx"), QuantConfig(**options),
+        model, _ = compress_model(load_model(MODELS / "digits_cnn.onnx"), QuantConfig(**options),
                             calibration=Calibration(MODELS / "digits_calib.npz"))
         save_model(model, tmp_path / "q.onnx")
         assert weight_only(onnx.load(tmp_path / "q.onnx")) is expected

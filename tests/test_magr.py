@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from onnxcomp import QuantConfig, compress
+from onnxcomp import QuantConfig
+from onnxcomp.pipeline import compress_model
 from onnxcomp.calibration.analysis import Calibration, CalibrationWarning
 from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.magr import _prox_linf, magr, project_l1_ball
@@ -19,7 +20,7 @@ from onnxcomp.modelio import load_model, save_model
 from onnxcomp.passes.magr import MagrPass
 from onnxcomp.passes.normalize import NormalizePass
 from onnxcomp.report import Report
-from onnxcomp.verify import mean_cosine
+from onnxcomp.fidelity import mean_cosine
 
 from conftest import MODELS, outputs
 
@@ -165,7 +166,7 @@ def test_magr_beats_round_to_nearest_on_minilm(tmp_path, minilm, minilm_calib, m
     for bits in (4, 3, 2):
         cosines = []
         for source in (minilm, tmp_path / "magr.onnx"):
-            quantized, _ = compress(load_model(source), QuantConfig(bits=bits))
+            quantized, _ = compress_model(load_model(source), QuantConfig(bits=bits))
             save_model(quantized, tmp_path / "q.onnx")
             cosines.append(mean_cosine(reference, outputs(tmp_path / "q.onnx", minilm_feeds, 0)["sentence_embedding"]))
         assert cosines[1] > cosines[0] + 0.02, (bits, cosines)

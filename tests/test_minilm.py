@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from conftest import MODELS, compress_to, outputs
-from onnxcomp.verify import mean_cosine
+from onnxcomp.fidelity import mean_cosine
 
 
 @pytest.fixture(scope="module")

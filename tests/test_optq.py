@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from onnxcomp import QuantConfig, compress
+from onnxcomp import QuantConfig
+from onnxcomp.pipeline import compress_model
 from onnxcomp.calibration.analysis import Calibration, CalibrationWarning
 from onnxcomp.cli import main
 from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.optq import DynamicBlocks, optq
 from onnxcomp.kernels.quantize import expand, grid_for, quantize
 from onnxcomp.modelio import load_model, save_model
-from onnxcomp.verify import mean_cosine
+from onnxcomp.fidelity import mean_cosine
 
 from conftest import MODELS, outputs
 
@@ -121,7 +122,7 @@ def test_pass_on_digits_cnn_beats_nearest_in_onnxruntime(tmp_path, options):
     results = {}
     for rounding in ("nearest", "optq"):
         config = QuantConfig(rounding=rounding, **options)
-        model, report = compress(load_model(MODELS / "digits_cnn.onnx"), config,
+        model, report = compress_model(load_model(MODELS / "digits_cnn.onnx"), config,
                                  calibration=Calibration(MODELS / "digits_calib.npz"))
         save_model(model, tmp_path / f"{rounding}.onnx")
         logits = outputs(tmp_path / f"{rounding}.onnx", feeds)["logits"]
@@ -138,7 +139,7 @@ def test_pass_on_grouped_conv_transpose(tmp_path):
     for options in ({"bits": 4}, {"bits": 4, "granularity": "block", "block_size": 2}):
         config = QuantConfig(rounding="optq", **options)
         with pytest.warns(CalibrationWarning, match="synthetic"):
-            model, report = compress(load_model(MODELS / "convtranspose_bn.onnx"), config, calibration=Calibration(None))
+            model, report = compress_model(load_model(MODELS / "convtranspose_bn.onnx"), config, calibration=Calibration(None))
         assert {r.name for r in report.layers if r.bits} == {"deconv", "conv"}
         save_model(model, tmp_path / "q.onnx")
         feeds = {"x": np.random.default_rng(0).standard_normal((2, 8, 5, 5)).astype(np.float32)}
@@ -167,7 +168,7 @@ def test_optq_beats_nearest_on_minilm(tmp_path, minilm, minilm_calib, minilm_fee
     reference = outputs(minilm, minilm_feeds)["sentence_embedding"]
     cosines = {}
     for rounding in ("nearest", "optq"):
-        model, _ = compress(load_model(minilm), QuantConfig(bits=4, rounding=rounding), calibration=Calibration(minilm_calib))
+        model, _ = compress_model(load_model(minilm), QuantConfig(bits=4, rounding=rounding), calibration=Calibration(minilm_calib))
         save_model(model, tmp_path / "q.onnx")
         cosines[rounding] = mean_cosine(reference, outputs(tmp_path / "q.onnx", minilm_feeds, 0)["sentence_embedding"])
     assert cosines["optq"] > cosines["nearest"] + 0.03, cosines

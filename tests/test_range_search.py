@@ -9,7 +9,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from onnxcomp import QuantConfig, compress
+from onnxcomp import QuantConfig
+from onnxcomp.pipeline import compress_model
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.calibration.sequential import PairedGram
 from onnxcomp.errors import ConfigError
@@ -18,7 +19,7 @@ from onnxcomp.kernels.range_search import GroupedRounding, golden_section_search
 from onnxcomp.layers import find_weight_layers
 from onnxcomp.modelio import load_model, save_model
 from onnxcomp.passes.range_search import InputStatistics, LayerErrors, sqrt_decode
-from onnxcomp.verify import mean_cosine
+from onnxcomp.fidelity import mean_cosine
 
 from conftest import MODELS, outputs
 from digits_accuracy import accuracy
@@ -74,7 +75,7 @@ def matmul_model(w: np.ndarray) -> onnx.ModelProto:
 @pytest.mark.parametrize("bits,asymmetric", [(4, False), (2, False), (4, True)])
 def test_sqrt_path_decodes_exactly_in_onnxruntime(tmp_path, bits, asymmetric):
     w = weights("student-t", 5)[:, :32].copy()  # (24, 32): K = 24, N = 32
-    model, report = compress(ir.from_proto(matmul_model(w)), QuantConfig(bits=bits, sqrt=True, asymmetric=asymmetric))
+    model, report = compress_model(ir.from_proto(matmul_model(w)), QuantConfig(bits=bits, sqrt=True, asymmetric=asymmetric))
     ops = [n.op_type for n in model.graph]
     assert ops.count("Abs") == 1 and ops.count("Mul") == 1 and ops.count("DequantizeLinear") == 1
     save_model(model, tmp_path / "sqrt.onnx")
@@ -90,8 +91,8 @@ def test_sqrt_path_decodes_exactly_in_onnxruntime(tmp_path, bits, asymmetric):
 
 def test_layer_scope_and_report():
     w = weights("student-t", 7)
-    _, per_channel = compress(ir.from_proto(matmul_model(w)), QuantConfig(bits=4, range_search=True))
-    _, per_layer = compress(ir.from_proto(matmul_model(w)), QuantConfig(bits=4, range_search=True, range_scope="layer"))
+    _, per_channel = compress_model(ir.from_proto(matmul_model(w)), QuantConfig(bits=4, range_search=True))
+    _, per_layer = compress_model(ir.from_proto(matmul_model(w)), QuantConfig(bits=4, range_search=True, range_scope="layer"))
     for report in (per_channel, per_layer):
         search = report.layers[0].range_search
         assert 0.2 <= search["alpha"] <= 1.0 and search["weight_mse_searched"] <= search["weight_mse_rtn"]
@@ -102,7 +103,7 @@ def test_layer_scope_and_report():
 @pytest.mark.parametrize("objective", ["output", "sequential"])
 def test_data_objectives_need_calibration(objective):
     with pytest.raises(ConfigError, match=f"--range-objective {objective} needs calibration data"):
-        compress(ir.from_proto(matmul_model(weights("normal", 0))), QuantConfig(bits=4, range_search=True, range_objective=objective))
+        compress_model(ir.from_proto(matmul_model(weights("normal", 0))), QuantConfig(bits=4, range_search=True, range_objective=objective))
 
 
 def test_sequential_error_is_the_drifted_output_error():
@@ -132,7 +133,7 @@ def test_sequential_objective_beats_rounding_to_nearest_on_digits(tmp_path):
     source, calib = MODELS / "digits_cnn.onnx", MODELS / "digits_calib.npz"
     accuracies = {}
     for name, options in (("rtn", {}), ("sequential", dict(range_search=True, range_objective="sequential"))):
-        model, report = compress(load_model(source), QuantConfig(bits=2, **options), calibration=Calibration(calib))
+        model, report = compress_model(load_model(source), QuantConfig(bits=2, **options), calibration=Calibration(calib))
         save_model(model, tmp_path / f"{name}.onnx")
         accuracies[name] = accuracy(tmp_path / f"{name}.onnx")
     assert all(r.range_search["objective"] == "sequential" for r in report.layers)
@@ -146,7 +147,7 @@ def test_range_search_beats_round_to_nearest_on_minilm(tmp_path, minilm, minilm_
     for name, options, calib in (("rtn", {}, None), ("mse", dict(range_search=True), None),
                                  ("output", dict(range_search=True, range_objective="output"), minilm_calib),
                                  ("sequential", dict(range_search=True, range_objective="sequential"), minilm_calib)):
-        model, _ = compress(load_model(minilm), QuantConfig(bits=bits, **options), calibration=Calibration(calib))
+        model, _ = compress_model(load_model(minilm), QuantConfig(bits=bits, **options), calibration=Calibration(calib))
         save_model(model, tmp_path / f"{name}.onnx")
         cosines[name] = mean_cosine(reference, outputs(tmp_path / f"{name}.onnx", minilm_feeds, 0)["sentence_embedding"])
     assert all(cosines[name] > cosines["rtn"] + 0.02 for name in ("mse", "output", "sequential")), cosines

@@ -16,7 +16,8 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import ZOO_TALLY
-from onnxcomp import QuantConfig, compress
+from onnxcomp import QuantConfig
+from onnxcomp.pipeline import compress_model
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.modelio import load_model, save_model
@@ -74,7 +75,7 @@ def test_backend_model_compresses_or_says_why(tmp_path, references, path, bits, 
     if calibrated:  # the model's own test inputs, or synthetic ones where it has none
         calibration = Calibration([reference[1]] if reference else None)
     try:
-        model, report = compress(load_model(path), config, calibration=calibration)
+        model, report = compress_model(load_model(path), config, calibration=calibration)
     except OnnxcompError as err:  # refused in one line: counted, but never a traceback
         ZOO_TALLY["refused"] += 1
         pytest.skip(f"refused: {err}")

@@ -10,7 +10,8 @@ import pytest
 
 import zoo
 from conftest import ZOO_TALLY
-from onnxcomp import QuantConfig, compress
+from onnxcomp import QuantConfig
+from onnxcomp.pipeline import compress_model
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.modelio import load_model, save_model
 
@@ -25,7 +26,7 @@ def _session(path) -> ort.InferenceSession:
 
 
 def _compressed(source, target, calib=None, **options):
-    model, report = compress(load_model(source), QuantConfig(**options),
+    model, report = compress_model(load_model(source), QuantConfig(**options),
                              calibration=Calibration(str(calib)) if calib else None)
     save_model(model, target)
     ZOO_TALLY["compressed"] += 1

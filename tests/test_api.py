@@ -1,0 +1,91 @@
+"""The Python API as a user meets it: one call, any form of model and calibration data,
+the same errors as the command line, the options recorded in what it writes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import onnxcomp
+from conftest import MODELS, ROOT, outputs
+from test_cli import _one_line_error, invoke
+
+DIGITS = MODELS / "digits_cnn.onnx"
+IMAGES = np.load(MODELS / "digits_calib.npz")["image"]
+
+
+class Reader:
+    """Any object with get_next(), as onnxruntime's CalibrationDataReader protocol has it."""
+
+    def __init__(self):
+        self.batches = iter([{"image": IMAGES[i : i + 16]} for i in range(0, 64, 16)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+@pytest.mark.parametrize("form", ["path", "proto", "ir"])
+def test_every_form_of_model_compresses_the_same(tmp_path, form):
+    model = {"path": DIGITS, "proto": onnx.load(DIGITS), "ir": ir.load(str(DIGITS))}[form]
+    result = onnxcomp.compress(model, tmp_path / "q.onnx", bits=4, granularity="block", block_size=16)
+    assert result.path == tmp_path / "q.onnx" and result.report.totals["layers quantized"] == "6 of 6"
+    reference = onnxcomp.compress(DIGITS, bits=4, granularity="block", block_size=16).model
+    assert ir.to_proto(result.model).graph == ir.to_proto(reference).graph
+    if form == "ir":
+        assert "0.weight" in model.graph.initializers  # the caller's model is left as it was
+
+
+@pytest.mark.parametrize("data", ["path", "iterable", "reader", "calibration"])
+def test_every_form_of_calibration_data(data):
+    given = {"path": str(MODELS / "digits_calib.npz"), "iterable": [{"image": IMAGES[i : i + 16]} for i in range(0, 64, 16)],
+             "reader": Reader(), "calibration": onnxcomp.Calibration(str(MODELS / "digits_calib.npz"))}[data]
+    result = onnxcomp.compress(DIGITS, bits=4, rounding="optq", calibration=given)
+    assert all(r.output_error is not None for r in result.report.layers)  # OPTQ had real statistics
+
+
+def test_errors_are_the_cli_ones():
+    with pytest.raises(onnxcomp.OnnxcompError, match="unknown option"):
+        onnxcomp.compress(DIGITS, bitz=4)
+    with pytest.raises(onnxcomp.OnnxcompError, match="--bits 5"):
+        onnxcomp.compress(DIGITS, bits=5)
+    with pytest.raises(onnxcomp.OnnxcompError, match="cannot compress a dict"):
+        onnxcomp.compress({"not": "a model"})
+
+
+def test_options_and_versions_are_recorded(tmp_path):
+    result = onnxcomp.compress(DIGITS, tmp_path / "q.onnx", bits=2, asymmetric=True)
+    props = {p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}
+    assert json.loads(props["onnxcomp.options"]) == result.report.options
+    assert result.report.options["bits"] == 2 and result.report.options["asymmetric"] is True
+    assert props["onnxcomp.version"] == onnxcomp.__version__ and props["onnxcomp.onnxruntime"]
+    assert json.loads(result.report.to_json())["versions"]["onnxcomp"] == onnxcomp.__version__
+
+
+def test_config_file_round_trip_gives_the_same_bytes(tmp_path):
+    args = [DIGITS, "--bits", 4, "--granularity", "block", "--block-size", 16, "--rounding", "optq", "--calib",
+            MODELS / "digits_calib.npz", "--asymmetric"]
+    dumped = invoke("compress", *args, "-o", tmp_path / "a.onnx", "--dump-config")
+    assert dumped.exit_code == 0 and not (tmp_path / "a.onnx").exists()
+    (tmp_path / "run.toml").write_text(dumped.output)
+    assert invoke("compress", *args, "-o", tmp_path / "a.onnx", "-q").exit_code == 0
+    assert invoke("compress", DIGITS, "--config", tmp_path / "run.toml", "-o", tmp_path / "b.onnx").exit_code == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    (tmp_path / "bad.toml").write_text('bitz = 4\n')
+    _one_line_error(invoke("compress", DIGITS, "--config", tmp_path / "bad.toml"), "unknown option", "bitz")
+
+
+def test_readme_from_python_examples_run(tmp_path, monkeypatch):
+    """The README's "From Python" examples, run as they are written, from a copy of models/."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks
+    (tmp_path / "models").symlink_to(MODELS)
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

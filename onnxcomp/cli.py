@@ -186,7 +186,7 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
               help="What α minimizes: mse, the weights' squared error; output, the layer-output error on the calibration "
                    "data; sequential, layer by layer in graph order, the error of each layer's output, given the inputs "
                    "the layers already quantized produce, against the unquantized model's (runs the model once per "
-                   "distinct layer input). output and sequential need --calib.")
+                   "distinct layer input). output and sequential use --calib data (synthetic inputs, with a warning, without it).")
 @click.option("--range-min", type=float, default=0.2, help="Smallest clipping ratio the search considers.")
 @click.option("--sqrt", is_flag=True, default=False,
               help="Quantize sign(w)·sqrt|w| (finer steps for small weights) and decode y·|y| with Abs and Mul; implies a range search.")

@@ -67,9 +67,12 @@ def test_bias_correction_lifts_2_bit_digits(tmp_path):
     assert all("bias corrected" in r.note for r in report.layers)
 
 
-def test_bias_correction_needs_calibration():
-    with pytest.raises(ConfigError, match="--bias-correction needs calibration data"):
+def test_bias_correction_follows_the_one_rule_for_data():
+    with pytest.warns(UserWarning, match="--bias-correction uses synthetic calibration inputs"):
         compress_model(ir.from_proto(layer_model("matmul")), QuantConfig(bits=4, bias_correction=True))
+    with pytest.raises(ConfigError, match="--bias-correction needs calibration data and --calib none"):
+        compress_model(ir.from_proto(layer_model("matmul")), QuantConfig(bits=4, bias_correction=True),
+                       calibration=Calibration("none"))
 
 
 def test_sequential_bias_correction_removes_the_drift_from_earlier_layers(tmp_path):

@@ -101,9 +101,14 @@ def test_layer_scope_and_report():
 
 
 @pytest.mark.parametrize("objective", ["output", "sequential"])
-def test_data_objectives_need_calibration(objective):
-    with pytest.raises(ConfigError, match=f"--range-objective {objective} needs calibration data"):
-        compress_model(ir.from_proto(matmul_model(weights("normal", 0))), QuantConfig(bits=4, range_search=True, range_objective=objective))
+def test_data_objectives_follow_the_one_rule_for_data(objective):
+    """Without data: synthetic inputs with a warning; with --calib none: a one-line refusal."""
+    config = QuantConfig(bits=4, range_search=True, range_objective=objective)
+    with pytest.warns(UserWarning, match="synthetic calibration inputs"):
+        _, report = compress_model(ir.from_proto(matmul_model(weights("normal", 0))), config)
+    assert report.layers[0].output_error is not None
+    with pytest.raises(ConfigError, match="--calib none forbids synthetic inputs"):
+        compress_model(ir.from_proto(matmul_model(weights("normal", 0))), config, calibration=Calibration("none"))
 
 
 def test_sequential_error_is_the_drifted_output_error():

@@ -201,18 +201,19 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         grams = {}
         real_data = self.calibration is not None and self.calibration.user_data
         objective = self.config.range_objective
-        if objective != "mse" and not real_data:
-            raise ConfigError(f"--range-objective {objective} needs calibration data: pass --calib with real inputs (or use mse)")
-        if self.config.bias_correction and not real_data:
-            raise ConfigError("--bias-correction needs calibration data: pass --calib with real inputs")
+        # One rule for data: what needs statistics takes real inputs when given, synthetic ones
+        # (with a warning) otherwise, and stops where --calib none forbids them.
+        needs = [name for name, needed in (("--rounding optq", self.config.rounding == "optq"),
+                                           (f"--range-objective {objective}", objective != "mse"),
+                                           ("--bias-correction", self.config.bias_correction)) if needed]
         optq = self.config.rounding == "optq"
         sequential = objective == "sequential" and (self.config.range_search or self.config.sqrt)
         if sequential:  # measured layer by layer, as the layers before are quantized
             calibration = self.calibration
             dataset = calibration.dataset(model, "--range-objective sequential")
             measure = SequentialStatistics(model, dataset, alone, calibration.device, calibration.progress)
-        elif self.calibration is not None and (real_data or optq):
-            purpose = "--rounding optq" if optq else "the output error of each layer"
+        elif self.calibration is not None and (real_data or needs):
+            purpose = needs[0] if needs else "the output error of each layer"
             stats = self.calibration.statistics(model, purpose, layers=[l for l in alone if l.data is not None])
             grams = {node: record.gram for node, record in stats.layers.items()}
         names = NameAllocator(graph)

@@ -366,8 +366,13 @@ def calib_info(model, calib, calib_samples, calib_batch, calib_positions, image_
               help="onnxruntime MatMulNBits accuracy level: 0 float compute, 4 int8 activations. Default: onnxruntime's (4).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="onnxruntime execution provider.")
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
+              help="A JSON of the fidelity an earlier run reached: exit 1 when any output's cosine falls below it by "
+                   "more than --margin (a CI gate for models exported on every commit).")
+@click.option("--margin", type=float, default=0.001, help="With --baseline: how far below the recorded cosine fails.")
+@click.option("--update-baseline", is_flag=True, default=False, help="With --baseline: record this run's fidelity there.")
 @_one_line_errors
-def verify(reference, candidate, inputs, min_cosine, accuracy_level, device, as_json):
+def verify(reference, candidate, inputs, min_cosine, accuracy_level, device, as_json, baseline, margin, update_baseline):
     """Run REFERENCE and CANDIDATE on the same inputs; per output: cosine, SNR (dB), max abs error."""
     from onnxcomp.fidelity import verify as run_verify
 
@@ -382,12 +387,35 @@ def verify(reference, candidate, inputs, min_cosine, accuracy_level, device, as_
         for r in results:
             snr = "inf" if math.isinf(r.snr_db) else f"{r.snr_db:.2f}"
             click.echo(f"{r.name.ljust(width)}  {r.cosine:.6f}  {snr:>7}  {r.max_abs_error:.4g}")
+    failures = []
     if min_cosine is not None:
-        failing = [r for r in results if r.cosine < min_cosine]
-        if failing:
-            names = ", ".join(f"{r.name} ({r.cosine:.6f})" for r in failing)
-            click.echo(f"onnxcomp: verify failed: cosine below {min_cosine} for {names}", err=True)
-            sys.exit(1)
+        failures += [f"{r.name}: cosine {r.cosine:.6f} below {min_cosine} (--min-cosine)" for r in results if r.cosine < min_cosine]
+    if baseline and update_baseline:
+        from onnxcomp.modelio import write_text_atomic
+
+        write_text_atomic(baseline, json.dumps({"inputs": source, "outputs": {r.name: asdict(r) for r in results}}, indent=2))
+    elif baseline:
+        failures += _below_baseline(results, baseline, margin)
+    for failure in failures:
+        click.echo(f"onnxcomp: verify failed: {failure}", err=True)
+    if failures:
+        sys.exit(1)
+
+
+def _below_baseline(results, path: str, margin: float) -> list[str]:
+    """One line per output whose cosine fell more than `margin` below the recorded one."""
+    try:
+        recorded = json.loads(Path(path).read_text())["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"--baseline {path}: not a baseline onnxcomp wrote; record one with --update-baseline") from None
+    lines = []
+    for r in results:
+        if r.name not in recorded:
+            lines.append(f"{r.name}: not in the baseline {path}; record it again with --update-baseline")
+        elif r.cosine < recorded[r.name]["cosine"] - margin:
+            lines.append(f"{r.name}: cosine {r.cosine:.6f}, the baseline reached {recorded[r.name]['cosine']:.6f} "
+                         f"(margin {margin})")
+    return lines
 
 
 if __name__ == "__main__":

@@ -190,3 +190,15 @@ def test_compress_with_magr_from_cli(tmp_path):
     data = json.loads(report.read_text())
     assert len(data["magr"]) == 6 and all(m["iterations"] <= 50 and m["max_after"] < m["max_before"] for m in data["magr"])
     _one_line_error(invoke("compress", DIGITS, "--magr", "--magr-alpha", -1, "-o", out), "--magr-alpha -1.0", "positive")
+
+
+def test_verify_baseline_gates_a_regression(tmp_path):
+    good, bad, baseline = tmp_path / "q8.onnx", tmp_path / "q2.onnx", tmp_path / "baseline.json"
+    invoke("compress", DIGITS, "--bits", 8, "-o", good, "-q")
+    invoke("compress", DIGITS, "--bits", 2, "-o", bad, "-q")
+    feeds = MODELS / "digits_eval.npz"
+    assert invoke("verify", DIGITS, good, "--inputs", feeds, "--baseline", baseline, "--update-baseline").exit_code == 0
+    assert json.loads(baseline.read_text())["outputs"]["logits"]["cosine"] > 0.99
+    assert invoke("verify", DIGITS, good, "--inputs", feeds, "--baseline", baseline).exit_code == 0
+    failed = invoke("verify", DIGITS, bad, "--inputs", feeds, "--baseline", baseline)
+    assert failed.exit_code == 1 and "logits: cosine" in failed.output and "the baseline reached" in failed.output

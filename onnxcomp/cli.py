@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from onnxcomp.cli_help import SectionedCommand
 from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError, OnnxcompError
 
@@ -162,11 +163,34 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
     click.echo(f"onnxcomp: warning: {message}", err=True)
 
 
-@main.command()
+COMPRESS_SECTIONS = {
+    "Weights": ("bits", "granularity", "block_size", "asymmetric", "gather_bits", "keep_first_last_bits", "exclude",
+                "min_elements"),
+    "Calibration data": ("calib", "calib_samples", "calib_batch", "calib_positions", "image_size", "mean", "std", "layout",
+                         "device"),
+    "MagR (magnitude reduction before rounding)": ("magr", "magr_alpha", "magr_iters"),
+    "Range search (REQuant clipping)": ("range_search", "range_scope", "range_objective", "range_min", "sqrt"),
+    "Rounding": ("rounding", "optq_damp", "optq_act_order", "bias_correction"),
+    "Activations (W8A8 integer kernels)": ("act_bits", "act_calib", "percentile", "act_min_depth", "no_smooth",
+                                           "smooth_alpha"),
+    "Output": ("output", "target", "entropy_code", "report_json", "no_check", "quiet", "config_file", "dump_config", "help"),
+}
+COMPRESS_EXAMPLES = (
+    "onnxcomp compress model.onnx --bits 8 -o model.q8.onnx",
+    "onnxcomp compress model.onnx --bits 4 --granularity block --block-size 32 --asymmetric --rounding optq "
+    "--calib calib.npz -o model.q4.onnx",
+    "onnxcomp compress model.onnx --bits 8 --act-bits 8 --calib images/ --image-size 224 224 -o model.w8a8.onnx",
+    "onnxcomp compress model.onnx --bits 2 --granularity block --asymmetric --magr --rounding optq --calib calib.npz "
+    "--entropy-code -o model.onnxc",
+)
+
+
+@main.command(cls=SectionedCommand, sections=COMPRESS_SECTIONS, examples=COMPRESS_EXAMPLES)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output path. Default: MODEL with .q<BITS>.onnx in place of .onnx.")
-@click.option("--bits", type=int, default=8, help="Weight bit width: 2, 3 (stored as int4), 4 or 8.")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="8",
+              help="Weight bit width (3-bit codes are stored as int4).")
 @click.option("--granularity", type=click.Choice([g.value for g in Granularity]), default="channel",
               help="One scale per tensor, per output channel, or per block along the reduction axis.")
 @click.option("--block-size", type=int, default=32, help="Elements per block with --granularity block (a power of two).")
@@ -240,6 +264,7 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
              calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, device, target, entropy_code, report_json, no_check, quiet, dump_config):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
+    bits = int(bits)
     if dump_config:
         from onnxcomp import runconfig
 

@@ -91,7 +91,7 @@ def test_truncated_file(tmp_path, fraction):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (("--bits", 5), ("--bits 5", "choose")),
+        (("--bits", 5), ("--bits", "5", "2", "8")),
         (("--bits", 4, "--granularity", "block", "--block-size", 48), ("--block-size 48", "power of two")),
         (("--bits", 4, "--granularity", "block", "--block-size", 1024), ("divides none",)),
         (("--exclude", "(["), ("--exclude",)),

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 MINILM := build/zoo/minilm/minilm.onnx
 
-.PHONY: setup demo test test-fast minilm zoo clean
+.PHONY: setup demo test test-fast lint minilm zoo clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,11 @@ demo: $(STAMP)
 	$(VENV)/bin/onnxcomp compress models/digits_cnn.onnx --bits 8 --act-bits 8 --calib models/digits_calib.npz -o build/demo/digits_cnn.w8a8.onnx -q
 	$(PY) scripts/digits_accuracy.py models/digits_cnn.onnx build/demo/digits_cnn.q4.onnx build/demo/digits_cnn.w8a8.onnx
 
-test: zoo
+test: zoo lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # The suite without the slow zoo-model tests (a few minutes).
 test-fast: $(STAMP) $(MINILM)

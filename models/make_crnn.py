@@ -52,7 +52,6 @@ def string_accuracy(log_probs: np.ndarray, labels: np.ndarray) -> tuple[float, f
 
 
 def build():
-    import torch
     from torch import nn
 
     class Crnn(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -259,13 +260,11 @@ COMPRESS_EXAMPLES = (
 @click.option("--dump-config", is_flag=True, default=False,
               help="Print every option of this run as TOML for --config, and stop.")
 @_one_line_errors
-def compress(model, output, bits, granularity, block_size, asymmetric, exclude, min_elements, keep_first_last_bits, gather_bits,
-             range_search, range_scope, range_objective, range_min, sqrt, bias_correction, magr, magr_alpha, magr_iters, rounding, optq_damp, optq_act_order, act_bits, act_calib, percentile, act_min_depth, no_smooth, smooth_alpha,
-             calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, device, target, entropy_code, report_json, no_check, quiet, dump_config):
+def compress(model, **options):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
-    bits = int(bits)
-    if dump_config:
+    options["bits"] = int(options["bits"])
+    if options.pop("dump_config"):
         from onnxcomp import runconfig
 
         click.echo(runconfig.dump(click.get_current_context().params), nl=False)
@@ -274,30 +273,24 @@ def compress(model, output, bits, granularity, block_size, asymmetric, exclude, 
     from onnxcomp.modelio import check_free_space, check_outputs, write_text_atomic
     from onnxcomp.pipeline import compress_file
 
-    config = QuantConfig(
-        bits=bits, granularity=Granularity(granularity), block_size=block_size, asymmetric=asymmetric,
-        exclude=exclude, min_elements=min_elements, keep_first_last_bits=keep_first_last_bits, gather_bits=gather_bits,
-        range_search=range_search, range_scope=range_scope, range_objective=range_objective, range_min=range_min,
-        sqrt=sqrt, bias_correction=bias_correction, magr=magr, magr_alpha=magr_alpha, magr_iters=magr_iters,
-        rounding=rounding, optq_damp=optq_damp, optq_act_order=optq_act_order,
-        act_bits=act_bits, act_calib=act_calib, percentile=percentile, act_min_depth=act_min_depth,
-        smooth=not no_smooth, smooth_alpha=smooth_alpha, target=target,
-    )
-    calibration = Calibration(
-        calib, _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean, std, layout), device=device, progress=not quiet
-    )
+    fields = {f.name for f in dataclasses.fields(QuantConfig)}  # flags named as the config's fields
+    config = QuantConfig(**{k: v for k, v in options.items() if k in fields}, smooth=not options["no_smooth"])
+    calib_options = _calib_options(*(options[k] for k in ("calib_samples", "calib_batch", "calib_positions", "image_size",
+                                                          "mean", "std", "layout")))
+    quiet, check, entropy_code, report_json = options["quiet"], not options["no_check"], options["entropy_code"], options["report_json"]
+    calibration = Calibration(options["calib"], calib_options, device=options["device"], progress=not quiet)
     source = Path(model)
-    target = Path(output) if output else source.with_suffix(".onnxc" if entropy_code else f".q{bits}.onnx")
+    target = Path(options["output"]) if options["output"] else source.with_suffix(".onnxc" if entropy_code else f".q{config.bits}.onnx")
     if entropy_code:
         _check_container_name(target, "--entropy-code")
     check_outputs(source, target, report_json)  # before any work: no output may be an input
     if source.is_file():
-        check_free_space(target.resolve().parent, source.stat().st_size * max(bits, 4) // 16, "the output")
+        check_free_space(target.resolve().parent, source.stat().st_size * max(config.bits, 4) // 16, "the output")
     warnings.showwarning = _show_warnings
     if entropy_code:
-        report = _compress_and_pack(source, target, config, calibration, progress=not quiet, check=not no_check)
+        report = _compress_and_pack(source, target, config, calibration, progress=not quiet, check=check)
     else:
-        report = compress_file(source, target, config, calibration=calibration, progress=not quiet, check=not no_check)
+        report = compress_file(source, target, config, calibration=calibration, progress=not quiet, check=check)
     if report_json:
         write_text_atomic(report_json, report.to_json())
     if not quiet:

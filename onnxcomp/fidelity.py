@@ -36,7 +36,8 @@ def mean_cosine(ref: np.ndarray, out: np.ndarray) -> float:
 def fidelity(name: str, ref: np.ndarray, out: np.ndarray) -> OutputFidelity:
     if ref.dtype.kind not in "fc":
         same = np.array_equal(ref, out)
-        return OutputFidelity(name, 1.0 if same else 0.0, float("inf") if same else 0.0, float(np.max(np.abs(ref.astype(np.float64) - out)) if ref.size else 0.0))
+        largest = float(np.max(np.abs(ref.astype(np.float64) - out))) if ref.size else 0.0
+        return OutputFidelity(name, 1.0 if same else 0.0, float("inf") if same else 0.0, largest)
     r, o = ref.astype(np.float64), out.astype(np.float64)
     err = float(np.sum((r - o) ** 2))
     signal = float(np.sum(r * r))

@@ -70,7 +70,8 @@ def model_stats(model: ir.Model) -> list[WeightStats]:
 def stats_table(stats: list[WeightStats]) -> str:
     header = ("layer", "op", "stored", "shape", "min", "max", "std", "max/std", "kurtosis")
     rows = [header] + [
-        (s.layer[-48:], s.op, s.storage, "x".join(map(str, s.shape)), f"{s.min:.4g}", f"{s.max:.4g}", f"{s.std:.4g}", f"{s.max_over_std:.2f}", f"{s.kurtosis:.2f}")
+        (s.layer[-48:], s.op, s.storage, "x".join(map(str, s.shape)), f"{s.min:.4g}", f"{s.max:.4g}", f"{s.std:.4g}",
+         f"{s.max_over_std:.2f}", f"{s.kurtosis:.2f}")
         for s in stats
     ]
     return format_table(rows)

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxcomp
-from conftest import MODELS, ROOT, outputs
+from conftest import MODELS, ROOT
 from test_cli import _one_line_error, invoke
 
 DIGITS = MODELS / "digits_cnn.onnx"

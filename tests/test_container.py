@@ -192,7 +192,6 @@ def test_external_data_round_trip_and_session(tmp_path, small_container):
 
 def test_chunks_with_their_own_models_when_distributions_differ():
     """Two halves with different symbol distributions: one model per chunk beats the shared one."""
-    import onnx
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)

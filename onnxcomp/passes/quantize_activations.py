@@ -105,7 +105,9 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
             shape = conv.weight.shape
             permuted = flatten_channels_last(graph, names, value, shape[0], len(shape))
             if permuted:
-                self.report.note("quantize-activations", value.name, f"flattened channels-last ({', '.join(permuted)}: weights reordered along their inputs), so onnxruntime's NHWC integer Conv needs no Transpose back")
+                self.report.note("quantize-activations", value.name,
+                                 f"flattened channels-last ({', '.join(permuted)}: weights reordered along their inputs), "
+                                 "so onnxruntime's NHWC integer Conv needs no Transpose back")
         for value in targets:
             if value not in stats or stats[value].count == 0:
                 self.report.note("quantize-activations", value.name, "no calibration statistics; left in float")

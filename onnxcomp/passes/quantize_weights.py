@@ -206,7 +206,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         needs = [name for name, needed in (("--rounding optq", self.config.rounding == "optq"),
                                            (f"--range-objective {objective}", objective != "mse"),
                                            ("--bias-correction", self.config.bias_correction)) if needed]
-        optq = self.config.rounding == "optq"
         sequential = objective == "sequential" and (self.config.range_search or self.config.sqrt)
         if sequential:  # measured layer by layer, as the layers before are quantized
             calibration = self.calibration

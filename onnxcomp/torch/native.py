@@ -67,7 +67,8 @@ def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (with a warning) when they cannot be built here."""
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
-        warnings.warn(f"range regularizers: no C compiler ({compiler!r}); using torch operations (slower on small models; set CC to a compiler to speed them up)", stacklevel=3)
+        warnings.warn(f"range regularizers: no C compiler ({compiler!r}); using torch operations (slower on small "
+                      "models; set CC to a compiler to speed them up)", stacklevel=3)
         return None
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *COMPILE_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"range_kernels-{key}.so"
@@ -77,7 +78,8 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = (getattr(error, "stderr", None) or str(error)).strip()
-        warnings.warn(f"range regularizers: could not build the C kernels ({detail.splitlines()[-1] if detail else error}); using torch operations", stacklevel=3)
+        reason = detail.splitlines()[-1] if detail else error
+        warnings.warn(f"range regularizers: could not build the C kernels ({reason}); using torch operations", stacklevel=3)
         return None
     pointer = ctypes.c_void_p
     for kernel in KERNELS:

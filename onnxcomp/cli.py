@@ -99,13 +99,15 @@ def _calibration_options(func):
         click.option("--mean", default="0", help="Per-channel mean subtracted from images scaled to [0, 1], comma-separated."),
         click.option("--std", default="1", help="Per-channel std dividing images after the mean, comma-separated."),
         click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", help="Image tensor layout the model expects."),
+        click.option("--tokenizer", type=click.Path(dir_okay=False), default=None,
+                     help="With --calib FILE.txt (one sample per line): the model's tokenizer.json, to tokenize the text."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean, std, layout):
+def _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, tokenizer=None):
     from onnxcomp.calibration.sources import CalibOptions
 
     def floats(text: str, option: str) -> tuple[float, ...]:
@@ -115,7 +117,8 @@ def _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean
             raise ConfigError(f"{option} {text!r} is not a comma-separated list of numbers") from None
 
     return CalibOptions(
-        samples=calib_samples, batch=calib_batch, positions=calib_positions, image_size=tuple(image_size) if image_size else None,
+        samples=calib_samples, batch=calib_batch, positions=calib_positions, tokenizer=tokenizer,
+        image_size=tuple(image_size) if image_size else None,
         mean=floats(mean, "--mean"), std=floats(std, "--std"), layout=layout,
     )
 
@@ -168,7 +171,7 @@ COMPRESS_SECTIONS = {
     "Weights": ("bits", "granularity", "block_size", "asymmetric", "gather_bits", "keep_first_last_bits", "exclude",
                 "min_elements"),
     "Calibration data": ("calib", "calib_samples", "calib_batch", "calib_positions", "image_size", "mean", "std", "layout",
-                         "device"),
+                         "tokenizer", "device"),
     "MagR (magnitude reduction before rounding)": ("magr", "magr_alpha", "magr_iters"),
     "Range search (REQuant clipping)": ("range_search", "range_scope", "range_objective", "range_min", "sqrt"),
     "Rounding": ("rounding", "optq_damp", "optq_act_order", "bias_correction"),
@@ -276,7 +279,7 @@ def compress(model, **options):
     fields = {f.name for f in dataclasses.fields(QuantConfig)}  # flags named as the config's fields
     config = QuantConfig(**{k: v for k, v in options.items() if k in fields}, smooth=not options["no_smooth"])
     calib_options = _calib_options(*(options[k] for k in ("calib_samples", "calib_batch", "calib_positions", "image_size",
-                                                          "mean", "std", "layout")))
+                                                          "mean", "std", "layout", "tokenizer")))
     quiet, check, entropy_code, report_json = options["quiet"], not options["no_check"], options["entropy_code"], options["report_json"]
     calibration = Calibration(options["calib"], calib_options, device=options["device"], progress=not quiet)
     source = Path(model)
@@ -356,7 +359,7 @@ def unpack(container, output):
 @_calibration_options
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
 @_one_line_errors
-def calib_info(model, calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, as_json):
+def calib_info(model, calib, calib_samples, calib_batch, calib_positions, image_size, mean, std, layout, tokenizer, as_json):
     """What the calibration set for MODEL holds, per input: dtype, samples, shapes, value ranges.
     Checks it against the model's inputs without running the model."""
     from onnxcomp.calibration.analysis import Calibration
@@ -364,7 +367,8 @@ def calib_info(model, calib, calib_samples, calib_batch, calib_positions, image_
     from onnxcomp.modelio import load_model
 
     warnings.showwarning = _show_warnings
-    calibration = Calibration(calib, _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean, std, layout))
+    calibration = Calibration(calib, _calib_options(calib_samples, calib_batch, calib_positions, image_size, mean, std, layout,
+                                                    tokenizer))
     dataset = calibration.dataset(load_model(model), "calib-info")
     summaries = summarize(dataset)
     if as_json:

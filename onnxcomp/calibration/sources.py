@@ -33,6 +33,8 @@ class CalibOptions:
     layout: str = "NCHW"
     seed: int = 0
     positions: int = 4096  # a convolution's input rows per sample in its Gram matrix (0: every position)
+    tokenizer: str | None = None  # a tokenizer.json for calibration text (one sample per line)
+    max_tokens: int = 128  # text samples are cut to this many tokens
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -360,11 +362,58 @@ def open_calibration(
     return dataclasses.replace(_source(data, specs, int_bounds, options), positions=options.positions, seed=options.seed)
 
 
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def _text_source(path: Path, specs: Specs, options: CalibOptions) -> CalibrationSet:
+    """One sample per non-empty line of a text file, tokenized with `options.tokenizer` (a
+    tokenizer.json, read by the `tokenizers` package), cut to `max_tokens`, padded per batch."""
+    if options.tokenizer is None:
+        raise ConfigError(f"--calib {path}: calibration text needs the model's tokenizer: pass --tokenizer tokenizer.json")
+    others = sorted(set(specs) - set(TEXT_INPUTS))
+    if "input_ids" not in specs or others:
+        raise InputMismatchError(
+            f"--calib {path}: text feeds {', '.join(TEXT_INPUTS)}, but the model also takes {others or 'no input_ids'}; "
+            "save its inputs in an .npz instead"
+        )
+    try:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(options.tokenizer))
+        tokenizer.no_padding()  # padded per batch below, to the batch's longest line
+        tokenizer.enable_truncation(options.max_tokens)
+    except ImportError:
+        raise ConfigError("--tokenizer needs the tokenizers package: pip install tokenizers") from None
+    except Exception as err:
+        raise ConfigError(f"--tokenizer {options.tokenizer}: not a readable tokenizer.json ({err})") from None
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][: options.samples]
+    if not lines:
+        raise InputMismatchError(f"--calib {path}: holds no text; give it one sample per line")
+    encoded = [e.ids for e in tokenizer.encode_batch(lines)]
+
+    def batches() -> Iterator[Feeds]:
+        for start in range(0, len(encoded), options.batch):
+            rows = encoded[start : start + options.batch]
+            width = max(len(r) for r in rows)
+            ids = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for i, row in enumerate(rows):
+                ids[i, : len(row)], mask[i, : len(row)] = row, 1
+            feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+                     "position_ids": np.broadcast_to(np.arange(width), ids.shape).copy()}
+            yield {name: feeds[name].astype(specs[name][0]) for name in specs}
+
+    return CalibrationSet(f"{path} ({len(lines)} lines, tokenized by {Path(options.tokenizer).name})", False, batches,
+                          len(lines))
+
+
 def _source(data, specs: Specs, int_bounds: dict[str, int], options: CalibOptions) -> CalibrationSet:
     if data is None:
         return _synthetic_source(specs, int_bounds, options)
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
+        if path.is_file() and path.suffix == ".txt":
+            return _text_source(path, specs, options)
         if path.is_dir():
             return _folder_source(path, specs, options)
         if path.is_file() and path.suffix == ".npz":

@@ -92,11 +92,14 @@ def test_mismatching_npz_is_refused_before_running(tmp_path, specs, content, mes
 def test_bad_paths_and_options(tmp_path, specs):
     with pytest.raises(InputMismatchError, match="no such file or folder"):
         open_calibration(tmp_path / "missing.npz", specs, {}, CalibOptions())
-    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "notes.md").write_text("x")
     with pytest.raises(InputMismatchError, match="holds no .npy, .npz or image files"):
         open_calibration(tmp_path, specs, {}, CalibOptions())
     with pytest.raises(InputMismatchError, match="not an .npz file"):
-        open_calibration(tmp_path / "notes.txt", specs, {}, CalibOptions())
+        open_calibration(tmp_path / "notes.md", specs, {}, CalibOptions())
+    (tmp_path / "lines.txt").write_text("some text")
+    with pytest.raises(ConfigError, match="needs the model's tokenizer"):
+        open_calibration(tmp_path / "lines.txt", specs, {}, CalibOptions())
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(InputMismatchError, match="not a readable .npz"):
         open_calibration(tmp_path / "broken.npz", specs, {}, CalibOptions())

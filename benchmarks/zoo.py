@@ -41,6 +41,8 @@ from timing import interleaved_latency_ms  # noqa: E402
 TRANSFORMER_BEST = {"granularity": "block", "block_size": 32, "asymmetric": True, "rounding": "optq", "gather_bits": 8}
 CNN_BEST = {"asymmetric": True, "rounding": "optq", "bias_correction": True}
 BEST = {"minilm": TRANSFORMER_BEST, "smollm2": TRANSFORMER_BEST, "efficientnet": CNN_BEST, "digits": CNN_BEST}
+# Real-valued zero points (MatMulNBits), round to nearest, no calibration: at 2-4 bits.
+FLOAT_ZERO = {"granularity": "block", "block_size": 32, "asymmetric": True, "zero_point": "float", "gather_bits": 8}
 PRIMARY = {"lm": "perplexity", "classes": "top1", "embedding": "cosine"}
 EVAL_BATCH = {"lm": 2, "classes": 32, "embedding": 16}
 
@@ -86,11 +88,14 @@ def onnxcomp_rows(key: str, model: zoo.ZooModel, bits_list: list[int], tmp: Path
 
     rows = []
     for bits in bits_list:
-        for method, options, calibrated in (("rtn", {}, False), ("best", BEST[key], True)):
+        methods = [("rtn", {}, False), ("best", BEST[key], True)]
+        if key in ("minilm", "smollm2") and bits <= 4:
+            methods += [("float-zp", FLOAT_ZERO, False), ("float-zp optq", FLOAT_ZERO | {"rounding": "optq"}, True)]
+        for method, options, calibrated in methods:
             if method == "best" and bits == 8 and key != "efficientnet":
                 continue  # 8-bit round-to-nearest is already within noise of FP32 there
             entry = Entry("onnxcomp", method if method == "rtn" else _describe(options), bits)
-            out = tmp / f"onnxcomp_{method}_{bits}.onnx"
+            out = tmp / f"onnxcomp_{method.replace(' ', '_')}_{bits}.onnx"
             print(f"{key}: onnxcomp {entry.method} {bits}-bit ...", file=sys.stderr, flush=True)
             calib = str(model.calib) if calibrated else None
             if _in_fresh_process(entry, _onnxcomp_job, str(model.path), str(out), {"bits": bits, **options}, calib):
@@ -103,6 +108,8 @@ def onnxcomp_rows(key: str, model: zoo.ZooModel, bits_list: list[int], tmp: Path
 def _describe(options: dict) -> str:
     parts = [f"b{options['block_size']}" if options.get("granularity") == "block" else "channel",
              "asym" if options.get("asymmetric") else "sym", options.get("rounding", "nearest")]
+    if options.get("zero_point") == "float":
+        parts.insert(2, "float-zp")
     if options.get("bias_correction"):
         parts.append("bias-corr")
     if "gather_bits" in options:
@@ -219,13 +226,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="latency runs per session")
     parser.add_argument("--json", type=Path, default=None, help="write every row as JSON here")
     parser.add_argument("--plots", type=Path, default=None, help="folder for one PNG per model")
+    parser.add_argument("--tools", default="onnxruntime,onnxcomp", help="whose rows to run (FP32 always)")
     args = parser.parse_args()
     bits_list = [int(b) for b in args.bits.split(",")]
     results = {}
     for key in args.models.split(","):
         model = zoo.ensure(key)
         with tempfile.TemporaryDirectory() as tmp:
-            rows = ort_rows(key, model, bits_list, Path(tmp)) + onnxcomp_rows(key, model, bits_list, Path(tmp))
+            tools = args.tools.split(",")
+            rows = ((ort_rows(key, model, bits_list, Path(tmp)) if "onnxruntime" in tools else [])
+                    + (onnxcomp_rows(key, model, bits_list, Path(tmp)) if "onnxcomp" in tools else []))
             rows.insert(0, evaluate(key, model, rows, args.repeats))
         for row in rows:
             row.path = None

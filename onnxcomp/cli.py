@@ -46,6 +46,9 @@ def _one_line_errors(func):
             _fail(str(err))
         except KeyboardInterrupt:
             _fail("interrupted; no output was left half-written", 130)
+        except BrokenPipeError:  # the reader stopped early (| head): end quietly, as cat does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         except MemoryError:
             _fail("out of memory; use fewer --calib-samples or a smaller --calib-batch, or a machine with more memory")
         except OSError as err:
@@ -168,7 +171,7 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 
 
 COMPRESS_SECTIONS = {
-    "Weights": ("bits", "granularity", "block_size", "asymmetric", "gather_bits", "keep_first_last_bits", "exclude",
+    "Weights": ("bits", "granularity", "block_size", "asymmetric", "zero_point", "gather_bits", "keep_first_last_bits", "exclude",
                 "min_elements"),
     "Calibration data": ("calib", "calib_samples", "calib_batch", "calib_positions", "image_size", "mean", "std", "layout",
                          "tokenizer", "device"),
@@ -199,6 +202,10 @@ COMPRESS_EXAMPLES = (
               help="One scale per tensor, per output channel, or per block along the reduction axis.")
 @click.option("--block-size", type=int, default=32, help="Elements per block with --granularity block (a power of two).")
 @click.option("--asymmetric", is_flag=True, default=False, help="Unsigned codes with a zero point instead of a symmetric grid.")
+@click.option("--zero-point", type=click.Choice(["integer", "float"]), default="integer",
+              help="With --asymmetric and blocks: integer zero points (DequantizeLinear), or real-valued ones so each "
+                   "block's levels span exactly its range (MatMul layers at 2-4 bits, as onnxruntime's MatMulNBits; "
+                   "the other layers keep integer ones).")
 @click.option("--exclude", default=None, help="Regular expression on node names: matching layers stay in float.")
 @click.option("--min-elements", type=int, default=0, help="Weights with fewer elements stay in float.")
 @click.option("--keep-first-last-bits", type=int, default=None,

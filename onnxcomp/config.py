@@ -60,6 +60,9 @@ class QuantConfig:
     # "onnxruntime": the graph a plain onnxruntime session runs fastest (its contrib ops where
     # they pay); "portable": standard ONNX operators only.
     target: str = "onnxruntime"
+    # "integer": DequantizeLinear's zero points; "float": real-valued ones, so each block's
+    # levels span exactly its [min, max] (blockwise MatMul at 2-4 bits, as MatMulNBits)
+    zero_point: str = "integer"
 
     def __post_init__(self) -> None:
         try:
@@ -111,6 +114,16 @@ class QuantConfig:
             )
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"--smooth-alpha {self.smooth_alpha} must be in [0, 1]")
+        if self.zero_point not in ("integer", "float"):
+            raise ConfigError(f"--zero-point {self.zero_point} is not supported; choose integer or float")
+        if self.zero_point == "float":
+            needed = [("--granularity block", self.granularity is Granularity.BLOCK), ("--asymmetric", self.asymmetric),
+                      ("--target onnxruntime", self.target == "onnxruntime")]
+            missing = [flag for flag, ok in needed if not ok]
+            if missing or self.range_search or self.sqrt:
+                extra = ["no --range-search or --sqrt"] if self.range_search or self.sqrt else []
+                raise ConfigError(f"--zero-point float needs {', '.join(missing + extra)} (its grids span each block's own "
+                                  "range, written as onnxruntime's MatMulNBits)")
         if self.target not in TARGETS:
             raise ConfigError(f"--target {self.target} is not supported; choose one of {', '.join(TARGETS)}")
         if self.min_elements < 0:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.kernels.quantize import Quantized, dequantize
-from onnxcomp.layers import dequantize_layout, find_weight_layers
+from onnxcomp.layers import find_weight_layers
 from onnxcomp.report import format_table
+from onnxcomp.stored_weights import stored_weights
 
 
 @dataclass(frozen=True)
@@ -40,30 +40,17 @@ def weight_stats(layer: str, op: str, storage: str, w: np.ndarray) -> WeightStat
     )
 
 
-def _dequantized(node: ir.Node) -> np.ndarray | None:
-    """The float weight a DequantizeLinear over constants decodes to."""
-    values = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in node.inputs]
-    if any(v is None for v in values[:2]):
-        return None
-    q, scale = values[0].astype(np.int32), values[1]
-    zp = values[2].astype(np.int32) if len(values) > 2 and values[2] is not None else None
-    return dequantize(Quantized(q, scale, zp, *dequantize_layout(node)))
-
-
 def model_stats(model: ir.Model) -> list[WeightStats]:
     """Stats of every float layer weight, and of every weight stored quantized (decoded)."""
+    stored = stored_weights(model.graph)
+    parts = {id(value) for weight in stored for value in weight.parts}
     stats = []
     for layer in find_weight_layers(model.graph):
+        if id(layer.weight) in parts:  # a scale table gathered beside its codes
+            continue
         w = layer.weight.const_value.numpy()
         stats.append(weight_stats(layer.name, layer.node.op_type, layer.weight.dtype.name.lower(), w))
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.op_type != "DequantizeLinear":
-            continue
-        w = _dequantized(node)
-        if w is None:
-            continue
-        users = [user.op_type for out in node.outputs for user, _ in out.uses()]
-        stats.append(weight_stats(node.inputs[0].name, "/".join(users) or "-", node.inputs[0].dtype.name.lower(), w))
+    stats.extend(weight_stats(weight.name, weight.op, weight.storage, weight.weight) for weight in stored)
     return stats
 
 

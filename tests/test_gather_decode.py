@@ -3,6 +3,8 @@ the whole table."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -63,3 +65,19 @@ def test_tied_table_keeps_one_decode(tmp_path):
     assert invoke("compress", source, "--bits", 8, "-o", out, "-q").exit_code == 0
     graph = onnx.load(out).graph
     assert sum(1 for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("embed")) == 1
+
+
+@pytest.mark.parametrize("args", [["--bits", 8], ["--bits", 8, "--asymmetric", "--granularity", "block", "--block-size", 16],
+                                  ["--bits", 4, "--granularity", "block", "--block-size", 32, "--asymmetric"]])
+def test_inspect_decodes_gathered_tables_as_the_portable_graph_stores_them(tmp_path, source, args):
+    from onnxcomp.stored_weights import stored_weights
+    import onnx_ir as ir
+
+    rows, whole = tmp_path / "rows.onnx", tmp_path / "whole.onnx"
+    assert invoke("compress", source, *args, "-o", rows, "-q", "--no-check").exit_code == 0
+    assert invoke("compress", source, *args, "--target", "portable", "-o", whole, "-q", "--no-check").exit_code == 0
+    found = {kind: sorted((w.weight.shape, w.weight.tobytes()) for w in stored_weights(ir.load(str(path)).graph))
+             for kind, path in (("rows", rows), ("whole", whole))}
+    assert len(found["rows"]) == 2 and found["rows"] == found["whole"]  # the table and the MatMul, nothing else
+    listed = invoke("inspect", rows, "--json")
+    assert listed.exit_code == 0 and len(json.loads(listed.output)["layers"]) == 2

@@ -91,7 +91,10 @@ def _block_params(values, grid: Grid, ratio_high, ratio_low, dtype):
     torch = load_torch()
     sweep_dtype, values = values.dtype, values.double()
     ratio_high, ratio_low = ratio_high.double(), ratio_low.double()
-    if grid.asymmetric:
+    if grid.float_zero:
+        lo, hi = values.amin(dim=1), values.amax(dim=1)
+        scale = (hi - lo) / (grid.qmax - grid.qmin)
+    elif grid.asymmetric:
         lo = values.amin(dim=1).clamp(max=0.0) * ratio_low
         hi = values.amax(dim=1).clamp(min=0.0) * ratio_high
         scale = (hi - lo) / (grid.qmax - grid.qmin)
@@ -100,7 +103,10 @@ def _block_params(values, grid: Grid, ratio_high, ratio_low, dtype):
         scale = values.gather(1, peak).squeeze(1) * ratio_high / grid.qmin
     scale = scale.to(_torch_dtype(dtype)).to(values.dtype)
     scale = torch.where(torch.isfinite(scale) & (scale != 0), scale, torch.ones_like(scale))
-    zero = torch.clamp(torch.round(grid.qmin - lo / scale), grid.qmin, grid.qmax) if grid.asymmetric else None
+    if grid.float_zero:
+        zero = (grid.qmin - lo / scale).to(_torch_dtype(dtype)).to(values.dtype)
+    else:
+        zero = torch.clamp(torch.round(grid.qmin - lo / scale), grid.qmin, grid.qmax) if grid.asymmetric else None
     return scale.to(sweep_dtype), None if zero is None else zero.to(sweep_dtype)
 
 
@@ -108,7 +114,10 @@ def _round(w, scale, zero, grid: Grid):
     """Codes and their decoded values, as QuantizeLinear/DequantizeLinear compute them."""
     torch = load_torch()
     offset = 0.0 if zero is None else zero
-    q = torch.clamp(torch.round(w / scale) + offset, grid.qmin, grid.qmax)
+    if grid.float_zero:  # a real zero point is added before rounding
+        q = torch.clamp(torch.round(w / scale + offset), grid.qmin, grid.qmax)
+    else:
+        q = torch.clamp(torch.round(w / scale) + offset, grid.qmin, grid.qmax)
     return q, (q - offset) * scale
 
 
@@ -116,6 +125,9 @@ def _decode_rounded(w, scale, zero, grid: Grid):
     """(round(w/scale) + zero, clamped, − zero)·scale: what _round decodes, in fewer steps
     (the inner loop of the sweep runs once per reduction row)."""
     q = w / scale
+    if grid.float_zero:
+        q.add_(zero).round_().clamp_(grid.qmin, grid.qmax).sub_(zero)
+        return q.mul_(scale)
     q.round_()
     if zero is None:
         q.clamp_(grid.qmin, grid.qmax)
@@ -172,8 +184,7 @@ def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch
             error.mul_(inverse_diagonal[:, start + i])
             if i + 1 < end - start:
                 part[:, i + 1 :].baddbmm_(u[:, i, i + 1 :, None], error[:, None, :], alpha=-1)
-        offset = 0.0 if z is None else z[:, start:end]
-        codes[:, start:end] = torch.clamp(torch.round(part / s[:, start:end]) + offset, grid.qmin, grid.qmax)
+        codes[:, start:end], _ = _round(part, s[:, start:end], None if z is None else z[:, start:end], grid)
         m[:, end:].baddbmm_(upper[:, start:end, end:].transpose(1, 2), errors, alpha=-1)
     return codes
 
@@ -260,7 +271,7 @@ def optq(
     return OptqResult(
         codes=codes.cpu().numpy().astype(np.int32),
         scale=s.cpu().numpy(),
-        zero_point=None if z is None else z.cpu().numpy().astype(np.int32),
+        zero_point=None if z is None else z.cpu().numpy() if grid.float_zero else z.cpu().numpy().astype(np.int32),
         error=torch.minimum(error, error_nearest).cpu().numpy(),
         error_nearest=error_nearest.cpu().numpy(),
         energy=energy.cpu().numpy(),

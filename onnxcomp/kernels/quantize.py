@@ -25,14 +25,15 @@ class Grid:
     qmin: int
     qmax: int
     asymmetric: bool
+    float_zero: bool = False  # a real-valued zero point: the levels span exactly [min, max]
 
     @property
     def label(self) -> str:
-        kind = "asym" if self.asymmetric else "sym"
+        kind = "asym-float-zp" if self.float_zero else "asym" if self.asymmetric else "sym"
         return f"{kind}[{self.qmin},{self.qmax}]"
 
 
-def grid_for(bits: int, asymmetric: bool) -> Grid:
+def grid_for(bits: int, asymmetric: bool, float_zero: bool = False) -> Grid:
     """The grid for a bit width: all 2^b levels, with or without a zero point.
 
     Symmetric grids take the full signed range [-2^(b-1), 2^(b-1)-1]. Their scale carries the
@@ -41,8 +42,8 @@ def grid_for(bits: int, asymmetric: bool) -> Grid:
     [-(2^(b-1)-1), 2^(b-1)-1] would waste a level, and at 2 bits leave a ternary grid on
     which most weights round to zero.
     """
-    if asymmetric:
-        return Grid(bits, 0, 2**bits - 1, True)
+    if asymmetric or float_zero:
+        return Grid(bits, 0, 2**bits - 1, True, float_zero)
     return Grid(bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, False)
 
 
@@ -52,7 +53,7 @@ class Quantized:
 
     q: np.ndarray  # int32 codes, the weight's shape
     scale: np.ndarray  # the weight's float dtype
-    zero_point: np.ndarray | None  # int32, the scale's shape; None when symmetric
+    zero_point: np.ndarray | None  # int32 (the scale's dtype on a float-zero grid), the scale's shape; None when symmetric
     axis: int | None
     block_size: int | None
 
@@ -123,7 +124,11 @@ def quantize(
     w64 = w.astype(np.float64)
     groups, reduce = grouped_view(w64, axis, block_size)
     ratio = np.asarray(clip_ratio, dtype=np.float64)
-    if grid.asymmetric:
+    if grid.float_zero:  # the levels span the group's own range; zero need not be one of them
+        lo = _to_layout(groups.min(axis=reduce), w.shape, axis, block_size)
+        hi = _to_layout(groups.max(axis=reduce), w.shape, axis, block_size)
+        scale = (hi - lo) / (grid.qmax - grid.qmin)
+    elif grid.asymmetric:
         low_ratio = ratio if clip_ratio_low is None else np.asarray(clip_ratio_low, dtype=np.float64)
         lo = _to_layout(np.minimum(groups.min(axis=reduce), 0.0), w.shape, axis, block_size) * low_ratio
         hi = _to_layout(np.maximum(groups.max(axis=reduce), 0.0), w.shape, axis, block_size) * ratio
@@ -136,6 +141,10 @@ def quantize(
     scale = np.where(np.isfinite(scale) & (scale != 0), scale, np.ones_like(scale))
     s_full = expand(scale.astype(np.float64), w.shape, axis, block_size)
     zero_point = None
+    if grid.float_zero:  # stored in the scale's dtype; rounded with the codes, not before
+        zero_point = (grid.qmin - lo / scale.astype(np.float64)).astype(scale.dtype)
+        q = np.rint(w64 / s_full + expand(zero_point.astype(np.float64), w.shape, axis, block_size))
+        return Quantized(np.clip(q, grid.qmin, grid.qmax).astype(np.int32), scale, zero_point, axis, block_size)
     if grid.asymmetric:
         zp = np.clip(np.rint(grid.qmin - lo / scale.astype(np.float64)), grid.qmin, grid.qmax)
         zero_point = zp.astype(np.int32)
@@ -152,7 +161,7 @@ def dequantize(qt: Quantized) -> np.ndarray:
     s = expand(qt.scale, shape, qt.axis, qt.block_size).astype(np.float64)
     q = qt.q.astype(np.float64)
     if qt.zero_point is not None:
-        q = q - expand(qt.zero_point, shape, qt.axis, qt.block_size)
+        q = q - expand(qt.zero_point, shape, qt.axis, qt.block_size).astype(np.float64)
     return (q * s).astype(qt.scale.dtype)
 
 

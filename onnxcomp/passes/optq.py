@@ -129,7 +129,8 @@ def _outcome(job: OptqJob, result: OptqResult, groups: slice, config: QuantConfi
     scale = collapse(weight_from_matrix(layer, result.scale[groups], shape), qt.axis, qt.block_size).astype(qt.scale.dtype)
     zero_point = None
     if result.zero_point is not None:
-        zero_point = collapse(weight_from_matrix(layer, result.zero_point[groups], shape), qt.axis, qt.block_size).astype(np.int32)
+        zero_point = collapse(weight_from_matrix(layer, result.zero_point[groups], shape), qt.axis, qt.block_size)
+        zero_point = zero_point.astype(qt.scale.dtype if job.grid.float_zero else np.int32)
     notes = []
     kept = int(result.kept_nearest[groups].sum())
     if kept:

@@ -20,6 +20,7 @@ from onnxcomp.kernels.quantize import Grid, Quantized, dequantize, grid_for, qua
 from onnxcomp.layer_matrix import relative_output_error
 from onnxcomp.layers import WeightLayer, computed_weight_sources, find_weight_layers, reduction_depth, shared, sharing_refusal, weight_consumers
 from onnxcomp.passes.bias_correction import correct_bias
+from onnxcomp.passes import matmul_nbits
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
 from onnxcomp.passes.optq import OptqJob, optq_quantize_all
 from onnxcomp.passes.range_search import InputStatistics, choose_range
@@ -136,6 +137,8 @@ def emit_sqrt_decode(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, 
 
 def packed_bytes(qt: Quantized, bits: int) -> int:
     codes = (qt.q.size * storage_bits(bits) + 7) // 8
+    if qt.zero_point is not None and qt.zero_point.dtype.kind == "f":  # real zero points: as stored
+        return codes + qt.scale.nbytes + qt.zero_point.nbytes
     zp = 0 if qt.zero_point is None else (qt.zero_point.size * storage_bits(bits) + 7) // 8
     return codes + qt.scale.nbytes + zp
 
@@ -250,6 +253,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             self._round_together(graph, names, window, bar)
             modified = True
         bar.close()
+        if any(node.domain == "com.microsoft" for node in graph):
+            model.opset_imports.setdefault("com.microsoft", 1)
         if modified and self.calibration is not None:
             self.calibration.mark_stale()
         return ir.passes.PassResult(model, modified=modified)
@@ -280,7 +285,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         axis, block_size, record.granularity, planned.note = layout(layer, self.config)
         if layer.recurrent and (self.config.rounding == "optq" or self.config.magr):
             planned.note = _joined(planned.note, "recurrent weights are rounded to nearest (no OPTQ or MagR statistics)")
-        planned.grid = grid_for(bits, self.config.asymmetric)
+        float_zero = self.config.zero_point == "float" and matmul_nbits.usable(layer, block_size, bits)
+        if self.config.zero_point == "float" and not float_zero:
+            planned.note = _joined(planned.note, "integer zero point: real ones need a blockwise MatMul at 2-4 bits")
+        planned.grid = grid_for(bits, self.config.asymmetric, float_zero)
         if self.config.range_search or self.config.sqrt:
             inputs = None if gram is None else InputStatistics(gram.matrix)
             if paired is not None:
@@ -308,16 +316,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _replace(self, graph: ir.Graph, names: NameAllocator, planned: _Planned) -> None:
         layer, record, qt, w, w_hat, gram = planned.layer, planned.record, planned.qt, planned.w, planned.w_hat, planned.gram
-        dq_out = emit_dequantize(graph, names, layer, qt, planned.bits)
-        if planned.sqrt:
-            dq_out = emit_sqrt_decode(graph, names, layer, dq_out)
-        readers = weight_consumers(layer.weight)
-        if len(readers) > 1:
-            planned.note = _joined(planned.note, f"one DequantizeLinear read by {len(readers)} layers "
-                                                 f"({', '.join(node.op_type for node, _ in readers)})")
-        ir.convenience.replace_all_uses_with(layer.weight, dq_out)
-        if not list(layer.weight.uses()) and layer.weight.name in graph.initializers:
-            graph.initializers.pop(layer.weight.name)
+        if not planned.grid.float_zero:  # else the MatMul itself is replaced, below, once its bias is corrected
+            dq_out = emit_dequantize(graph, names, layer, qt, planned.bits)
+            if planned.sqrt:
+                dq_out = emit_sqrt_decode(graph, names, layer, dq_out)
+            readers = weight_consumers(layer.weight)
+            if len(readers) > 1:
+                planned.note = _joined(planned.note, f"one DequantizeLinear read by {len(readers)} layers "
+                                                     f"({', '.join(node.op_type for node, _ in readers)})")
+            ir.convenience.replace_all_uses_with(layer.weight, dq_out)
+            if not list(layer.weight.uses()) and layer.weight.name in graph.initializers:
+                graph.initializers.pop(layer.weight.name)
         record.bits = planned.bits
         record.grid = f"{'u' if planned.grid.asymmetric else ''}int{storage_bits(planned.bits)} {planned.grid.label}"
         record.range_after = (float(w_hat.min()), float(w_hat.max()))
@@ -332,3 +341,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 reference_mean = planned.paired.reference.mean if planned.paired is not None else None
                 corrected = correct_bias(graph, names, layer, gram.mean, w, w_hat, reference_mean) is not None
                 record.note = _joined(record.note, "bias corrected" if corrected else "no bias to correct")
+        if planned.grid.float_zero:
+            matmul_nbits.replace_with_matmul_nbits(graph, names, layer, qt, planned.bits)
+            record.note = _joined(record.note, "MatMulNBits (real zero points)")

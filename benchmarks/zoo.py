@@ -162,9 +162,9 @@ def evaluate(key: str, model: zoo.ZooModel, rows: list[Entry], repeats: int) -> 
     timed = [r for r in done if r.path]
     sample = {k: v[: EVAL_BATCH[model.metric]] for k, v in feeds.items()}
     latencies = interleaved_latency_ms([model.path] + [Path(r.path) for r in timed], sample, repeats)
-    fp32.latency_ms = latencies[0]
+    fp32.latency_ms, fp32.latency_x = latencies[0], 1.0
     for row, latency in zip(timed, latencies[1:]):
-        row.latency_ms = latency
+        row.latency_ms, row.latency_x = latency, latency / latencies[0]
     return fp32
 
 
@@ -172,16 +172,54 @@ def table(key: str, rows: list[Entry]) -> str:
     metric_keys = list(rows[0].metrics)
     head = f"{'tool':12} {'method':34} {'bits':>4} {'MB':>8} {'.onnxc MB':>9} " + " ".join(f"{k:>10}" for k in metric_keys)
     lines = [f"## {zoo.MODELS[key].name}", head + f" {'comp. s':>8} {'peak MB':>8} {'x fp32':>7}  failure"]
-    base = rows[0].latency_ms or 1.0
     for r in rows:
         metrics = " ".join(f"{r.metrics[k]:10.4f}" if getattr(r, "metrics", None) else f"{'-':>10}" for k in metric_keys)
         cells = [f"{r.tool:12} {r.method[:34]:34} {r.bits or '':>4}", f"{r.size / 1e6:8.3f}" if r.size else f"{'-':>8}",
                  f"{r.coded / 1e6:9.3f}" if getattr(r, "coded", None) else f"{'-':>9}", metrics,
                  f"{r.seconds:8.1f}" if r.seconds is not None else f"{'-':>8}",
                  f"{r.peak_mb:8.0f}" if r.peak_mb else f"{'-':>8}",
-                 f"{r.latency_ms / base:7.2f}" if r.latency_ms else f"{'-':>7}", f" {r.failure or ''}"]
+                 f"{r.latency_x:7.2f}" if getattr(r, "latency_x", None) else f"{'-':>7}", f" {r.failure or ''}"]
         lines.append(" ".join(cells))
     return "\n".join(lines)
+
+
+def markdown(key: str, rows: list[Entry]) -> str:
+    """The model's rows as a Markdown table (docs/zoo.md)."""
+    metric_keys = list(rows[0].metrics)
+    lines = [f"### {zoo.MODELS[key].name}", "", "| tool | method | bits | MB | .onnxc MB | " + " | ".join(metric_keys)
+             + " | compress s | peak MB | latency × FP32 |", "|" + "---|" * (8 + len(metric_keys))]
+    for r in rows:
+        if r.failure:
+            lines.append(f"| {r.tool} | {r.method} | {r.bits or '–'} | " + " | ".join(["–"] * (5 + len(metric_keys)))
+                         + f" failed: {r.failure[:70]} |")
+            continue
+        metrics = [f"{r.metrics[k]:.4g}" if getattr(r, "metrics", None) else "–" for k in metric_keys]
+        coded = getattr(r, "coded", None)
+        cells = [r.tool, r.method, str(r.bits or "–"), f"{r.size / 1e6:.3g}" if r.size else "–",
+                 f"{coded / 1e6:.3g}" if coded else "–", *metrics, f"{r.seconds:.0f}" if r.seconds is not None else "–",
+                 f"{r.peak_mb:.0f}" if r.peak_mb else "–", f"{r.latency_x:.2f}" if getattr(r, "latency_x", None) else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _entry(row: dict) -> Entry:
+    entry = Entry(**{k: v for k, v in row.items() if k in Entry.__dataclass_fields__})
+    entry.metrics, entry.coded, entry.latency_x = row.get("metrics"), row.get("coded"), row.get("latency_x")
+    return entry
+
+
+def _kept_rows(old: list[dict], tools: list[str]) -> list[Entry]:
+    """Rows of an earlier run for the tools this run skips, their latency still relative to
+    that run's FP32."""
+    base = old[0]["latency_ms"]
+    kept = []
+    for row in old:
+        if row["tool"] in tools or row["tool"] == "fp32":
+            continue
+        entry = _entry(row)
+        entry.latency_x = row.get("latency_x") or (row["latency_ms"] / base if row["latency_ms"] and base else None)
+        kept.append(entry)
+    return kept
 
 
 def plot(key: str, rows: list[Entry], path: Path) -> None:
@@ -227,6 +265,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every row as JSON here")
     parser.add_argument("--plots", type=Path, default=None, help="folder for one PNG per model")
     parser.add_argument("--tools", default="onnxruntime,onnxcomp", help="whose rows to run (FP32 always)")
+    parser.add_argument("--keep", type=Path, default=None, help="an earlier --json: its rows for the tools not run")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown here")
     args = parser.parse_args()
     bits_list = [int(b) for b in args.bits.split(",")]
     results = {}
@@ -237,13 +277,17 @@ def main() -> None:
             rows = ((ort_rows(key, model, bits_list, Path(tmp)) if "onnxruntime" in tools else [])
                     + (onnxcomp_rows(key, model, bits_list, Path(tmp)) if "onnxcomp" in tools else []))
             rows.insert(0, evaluate(key, model, rows, args.repeats))
+        if args.keep and key in (kept := json.loads(args.keep.read_text())):
+            rows[1:1] = _kept_rows(kept[key], tools)
         for row in rows:
             row.path = None
         print(table(key, rows), flush=True)
-        results[key] = [asdict(r) | {"metrics": getattr(r, "metrics", None), "coded": getattr(r, "coded", None)} for r in rows]
+        results[key] = [asdict(r) | {k: getattr(r, k, None) for k in ("metrics", "coded", "latency_x")} for r in rows]
         if args.plots:
             args.plots.mkdir(parents=True, exist_ok=True)
             plot(key, rows, args.plots / f"zoo_{key}.png")
+        if args.markdown:
+            args.markdown.write_text("\n\n".join(markdown(k, [_entry(r) for r in v]) for k, v in results.items()) + "\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

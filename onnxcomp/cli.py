@@ -22,6 +22,10 @@ from onnxcomp.errors import ConfigError, OnnxcompError
 
 def _fail(message: str, status: int = 2):
     click.echo(f"onnxcomp: error: {message}", err=True)
+    if status == 130:  # interrupted: everything is cleaned up by now; a signal landing in the
+        sys.stdout.flush()  # interpreter's shutdown must not turn the status into another
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)
 
 
@@ -171,7 +175,7 @@ def _show_warnings(message, category, filename, lineno, file=None, line=None):
 
 
 COMPRESS_SECTIONS = {
-    "Weights": ("bits", "granularity", "block_size", "asymmetric", "zero_point", "gather_bits", "keep_first_last_bits", "exclude",
+    "Weights": ("bits", "granularity", "block_size", "asymmetric", "zero_point", "accuracy_level", "gather_bits", "keep_first_last_bits", "exclude",
                 "min_elements"),
     "Calibration data": ("calib", "calib_samples", "calib_batch", "calib_positions", "image_size", "mean", "std", "layout",
                          "tokenizer", "device"),
@@ -206,6 +210,10 @@ COMPRESS_EXAMPLES = (
               help="With --asymmetric and blocks: integer zero points (DequantizeLinear), or real-valued ones so each "
                    "block's levels span exactly its range (MatMul layers at 2-4 bits, as onnxruntime's MatMulNBits; "
                    "the other layers keep integer ones).")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default=None,
+              help="With --target onnxruntime: the MatMulNBits nodes written compute in float (0) or quantize their "
+                   "input to int8 (4). Default: 4 for 8-bit layers, 0 for 2-4 bits (the faster on this project's "
+                   "measurements).")
 @click.option("--exclude", default=None, help="Regular expression on node names: matching layers stay in float.")
 @click.option("--min-elements", type=int, default=0, help="Weights with fewer elements stay in float.")
 @click.option("--keep-first-last-bits", type=int, default=None,
@@ -274,6 +282,8 @@ def compress(model, **options):
     """Quantize MODEL's weights (and with --act-bits its activations) and write a QDQ model
     that onnxruntime runs."""
     options["bits"] = int(options["bits"])
+    if options["accuracy_level"] is not None:
+        options["accuracy_level"] = int(options["accuracy_level"])
     if options.pop("dump_config"):
         from onnxcomp import runconfig
 

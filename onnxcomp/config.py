@@ -63,6 +63,9 @@ class QuantConfig:
     # "integer": DequantizeLinear's zero points; "float": real-valued ones, so each block's
     # levels span exactly its [min, max] (blockwise MatMul at 2-4 bits, as MatMulNBits)
     zero_point: str = "integer"
+    # MatMulNBits written with --target onnxruntime compute in float (0) or with int8
+    # activations (4); None: 4 for 8-bit layers, 0 below (measured fastest, README)
+    accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -124,6 +127,8 @@ class QuantConfig:
                 extra = ["no --range-search or --sqrt"] if self.range_search or self.sqrt else []
                 raise ConfigError(f"--zero-point float needs {', '.join(missing + extra)} (its grids span each block's own "
                                   "range, written as onnxruntime's MatMulNBits)")
+        if self.accuracy_level not in (None, 0, 4):
+            raise ConfigError(f"--accuracy-level {self.accuracy_level} is not supported; choose 0 (float) or 4 (int8 activations)")
         if self.target not in TARGETS:
             raise ConfigError(f"--target {self.target} is not supported; choose one of {', '.join(TARGETS)}")
         if self.min_elements < 0:
@@ -138,6 +143,12 @@ class QuantConfig:
         """Every option by name, values as plain JSON/TOML types."""
         return {f.name: (v.value if isinstance(v, enum.Enum) else v) for f in dataclasses.fields(self)
                 for v in (getattr(self, f.name),)}
+
+    def nbits_accuracy(self, bits: int) -> int:
+        """The accuracy level of a MatMulNBits holding `bits`-bit codes."""
+        if self.accuracy_level is not None:
+            return self.accuracy_level
+        return 4 if bits == 8 else 0
 
     @property
     def all_bits(self) -> tuple[int, ...]:

@@ -38,7 +38,7 @@ def build_passes(
     if config.magr:
         passes.append(MagrPass(config, calibration, report, device=calibration.device, progress=progress))
     passes.append(QuantizeWeightsPass(config, report, progress=progress, calibration=calibration))
-    passes.append(GatherDecodePass(report, onnxruntime=config.target == "onnxruntime"))
+    passes.append(GatherDecodePass(report, onnxruntime=config.target == "onnxruntime", accuracy_level=config.nbits_accuracy))
     if config.act_bits:
         passes += [TopologicalSortPass(), QuantizeActivationsPass(config, calibration, report)]
     return passes + [RemoveUnusedNodesPass(), TopologicalSortPass()]

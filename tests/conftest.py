@@ -68,10 +68,10 @@ def minilm_calib(minilm) -> Path:
     return minilm.parent / "calib.npz"
 
 
-def compress_to(source: Path, target: Path, **options):
-    """Compress `source` with QuantConfig(**options) into `target`; return the report."""
+def compress_to(source: Path, output: Path, **options):
+    """Compress `source` with QuantConfig(**options) into `output`; return the report."""
     model, report = compress_model(load_model(source), QuantConfig(**options))
-    save_model(model, target)
+    save_model(model, output)
     return report
 
 

@@ -14,6 +14,8 @@ from onnxcomp import QuantConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.fidelity import mean_cosine
 from onnxcomp.kernels.quantize import dequantize, grid_for, quantize
+from onnxcomp.stored_weights import stored_weights
+import onnx_ir as ir
 
 LINEAR = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -43,31 +45,50 @@ def _decoded_weight(model: onnx.ModelProto) -> tuple[onnx.NodeProto, np.ndarray]
     (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    packed, scale, zero = (values[name] for name in node.input[1:4])
+    packed, scale = values[node.input[1]], values[node.input[2]]
     n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
-    per_byte = 8 // bits
-    codes = np.stack([(packed >> (slot * bits)) & (2**bits - 1) for slot in range(per_byte)], axis=-1).reshape(n, k)
-    scale, zero = scale.reshape(n, k // block, 1), zero.reshape(n, k // block, 1)
-    weight = (codes.reshape(n, k // block, block) - zero.astype(np.float64)) * scale
+    per_byte, blocks = 8 // bits, k // block
+
+    def unpack(array, count):
+        slots = [(array.reshape(n, -1) >> (slot * bits)) & (2**bits - 1) for slot in range(per_byte)]
+        return np.stack(slots, axis=-1).reshape(n, -1)[:, :count]
+
+    codes = unpack(packed, k)
+    if len(node.input) < 4:
+        zero = np.full((n, blocks), 2 ** (bits - 1), np.float64)
+    else:
+        zero = values[node.input[3]]
+        zero = zero.reshape(n, blocks) if zero.dtype.kind == "f" else unpack(zero, blocks)
+    weight = (codes.reshape(n, blocks, block) - zero.astype(np.float64)[..., None]) * scale.reshape(n, blocks, 1)
     return node, weight.reshape(n, k).T
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_matmul_nbits_computes_what_its_codes_decode_to(tmp_path, bits):
-    source, out = tmp_path / "linear.onnx", tmp_path / "q.onnx"
+CASES = [(bits, kind) for bits in (2, 3, 4, 8) for kind in ("symmetric", "integer", "float") if (bits, kind) != (8, "float")]
+
+
+@pytest.mark.parametrize("bits, kind", CASES)
+def test_matmul_nbits_computes_what_its_codes_decode_to(tmp_path, bits, kind):
+    source, out, portable = tmp_path / "linear.onnx", tmp_path / "q.onnx", tmp_path / "portable.onnx"
     onnx.save(graphs.parsed(LINEAR, {"w": (64, 24), "b": (24,), "g": (64, 24)}), source)
-    report = compress_to(source, out, bits=bits, granularity="block", block_size=32, asymmetric=True, zero_point="float")
+    options = {"bits": bits, "granularity": "block", "block_size": 32, "asymmetric": kind != "symmetric"}
+    report = compress_to(source, out, **options, zero_point="float" if kind == "float" else "integer")
     model = onnx.load(out)
     node, weight = _decoded_weight(model)
     assert node.domain == "com.microsoft" and op_count(out, "MatMul") == 0
-    assert op_count(out, "DequantizeLinear") == 1  # the Gemm keeps an integer zero point, and says so
-    assert any("integer zero point" in (r.note or "") for r in report.layers)
+    assert op_count(out, "DequantizeLinear") == 1  # the Gemm: MatMulNBits is a MatMul
+    if kind == "float":
+        assert any("integer zero point" in (r.note or "") for r in report.layers)
+    else:  # the same codes and scales as the portable graph's DequantizeLinear
+        compress_to(source, portable, **options, target="portable")
+        (stored,) = [w for w in stored_weights(ir.load(str(portable)).graph) if w.weight.shape == (64, 24) and "MatMul" in w.op]
+        np.testing.assert_allclose(weight, stored.weight, rtol=0, atol=1e-7)
     original = {t.name: numpy_helper.to_array(t) for t in onnx.load(source).graph.initializer}
-    assert np.abs(weight - original["w"]).max() <= np.abs(original["w"]).max() / (2**bits - 1)
+    assert np.abs(weight - original["w"]).max() <= np.abs(original["w"]).max() / (2 ** (bits - 1) - 0.5)
     x = np.random.default_rng(1).normal(size=(5, 64)).astype(np.float32)
     expected = x.astype(np.float64) @ weight + original["b"]
-    for level in (None, 0):
-        np.testing.assert_allclose(outputs(out, {"x": x}, accuracy_level=level)["y"], expected, rtol=0, atol=0.05 if level is None else 1e-4)
+    level = 4 if bits == 8 else 0  # what onnxcomp writes by default
+    assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "accuracy_level")) == level
+    np.testing.assert_allclose(outputs(out, {"x": x})["y"], expected, rtol=0, atol=0.05 if level else 1e-4)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -93,9 +114,6 @@ def test_minilm_with_real_zero_points(tmp_path, minilm, minilm_feeds):
 
 
 def test_stored_weights_decode_matmul_nbits_as_the_spec_lays_it_out(tmp_path):
-    import onnx_ir as ir
-    from onnxcomp.stored_weights import stored_weights
-
     source, out = tmp_path / "linear.onnx", tmp_path / "q.onnx"
     onnx.save(graphs.parsed(LINEAR, {"w": (64, 24), "b": (24,), "g": (64, 24)}), source)
     compress_to(source, out, bits=4, granularity="block", block_size=16, asymmetric=True, zero_point="float")

@@ -93,3 +93,17 @@ def test_packed_initializer_round_trips(tmp_path_factory, kind, shape, seed):
     assert np.array_equal(back, values)
     bits = 4 if onnx_type in (ir.DataType.INT4, ir.DataType.UINT4) else 2
     assert len(proto.raw_data) == (values.size * bits + 7) // 8
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("layout", [(None, None), (0, None), (1, 16)])
+def test_positive_scales_decode_to_the_same_values(bits, layout):
+    from onnxcomp.kernels.quantize import positive_scales
+
+    w = np.random.default_rng(bits).normal(size=(8, 32)).astype(np.float32)
+    qt = quantize(w, grid_for(bits, False), axis=layout[0], block_size=layout[1])
+    positive = positive_scales(qt)
+    zero = positive.zero_point if positive.zero_point is not None else np.zeros(1)  # None: no scale was negative
+    assert (positive.scale > 0).all() and set(np.unique(zero)) <= {-1, 0}
+    assert positive.q.min() >= -(2 ** (bits - 1)) and positive.q.max() <= 2 ** (bits - 1) - 1
+    np.testing.assert_array_equal(dequantize(positive), dequantize(qt))

@@ -155,6 +155,19 @@ def quantize(
     return Quantized(q=q, scale=scale, zero_point=zero_point, axis=axis, block_size=block_size)
 
 
+def positive_scales(qt: Quantized) -> Quantized:
+    """The same decoded values with every scale positive, for runtimes that refuse negative
+    ones (TensorRT, WebNN). A symmetric group whose scale is negative gets codes −q − 1 and a
+    zero point of −1: (−q − 1 + 1)·(−s) = q·s, and −q − 1 stays on the full signed grid.
+    Groups with positive scales get a zero point of 0; nothing changes if none is negative."""
+    if qt.zero_point is not None or not (qt.scale < 0).any():
+        return qt
+    negative = qt.scale < 0
+    flip = expand(negative, qt.q.shape, qt.axis, qt.block_size)
+    q = np.where(flip, -qt.q - 1, qt.q).astype(np.int32)
+    return Quantized(q, np.abs(qt.scale), np.where(negative, -1, 0).astype(np.int32), qt.axis, qt.block_size)
+
+
 def dequantize(qt: Quantized) -> np.ndarray:
     """What DequantizeLinear computes from the codes, in the scale's dtype."""
     shape = qt.q.shape

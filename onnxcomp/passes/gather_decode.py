@@ -8,8 +8,9 @@ same numbers for a sliver of the work:
     last axis for blocks; standard ops (ONNX's Gather takes no 4- or 2-bit tensor);
   - 4-bit codes in blocks of a power of two ≥ 16 (or rows that long): onnxruntime's
     GatherBlockQuantized (com.microsoft), with `--target onnxruntime` only.
-Tables shared with other layers (a tied embedding) keep their one DequantizeLinear: the
-logits MatMul reads all of it anyway.
+A table tied to the logits MatMul is rewritten by `tied_table` with `--target onnxruntime`
+(one packed table for GatherBlockQuantized and MatMulNBits); otherwise it keeps its one
+DequantizeLinear, since the logits MatMul reads all of it anyway.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import onnx_ir as ir
 
 from onnxcomp.layers import attr_int, dequantize_layout
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
+from onnxcomp.passes.tied_table import rewrite_tied_table
 from onnxcomp.report import Report
 
 _EIGHT_BIT = (ir.DataType.INT8, ir.DataType.UINT8)
@@ -98,6 +100,12 @@ def _decode_rows(graph: ir.Graph, names: NameAllocator, gather: ir.Node, dequant
     return form
 
 
+def _producer(node: ir.Node, op_type: str) -> ir.Node | None:
+    table = node.inputs[0]
+    producer = table.producer() if table is not None else None
+    return producer if producer is not None and producer.op_type == op_type else None
+
+
 def _as_column(graph: ir.Graph, names: NameAllocator, value: ir.Value) -> ir.Value:
     """An initializer [rows] as [rows, 1]: one block per row."""
     tensor = value.const_value
@@ -109,22 +117,28 @@ class GatherDecodePass(ir.passes.InPlacePass):
 
     label = "gather-decode"
 
-    def __init__(self, report: Report, onnxruntime: bool = True):
+    def __init__(self, report: Report, onnxruntime: bool = True, accuracy_level=lambda bits: 0):
         super().__init__()
         self.report = report
         self.onnxruntime = onnxruntime
+        self.accuracy_level = accuracy_level  # bits → the level of a tied table's MatMulNBits
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = NameAllocator(graph)
         modified = False
         for gather in [n for n in graph if n.op_type == "Gather" and n.domain in ("", "ai.onnx")]:
-            dequantize = _table_dequantize(gather)
-            if dequantize is None:
+            if gather.graph is None:  # removed with a tied table rewritten earlier in this loop
                 continue
-            form = _decode_rows(graph, names, gather, dequantize, self.onnxruntime)
+            dequantize, form = _table_dequantize(gather), None
+            if dequantize is not None:
+                name = dequantize.inputs[0].name
+                form = _decode_rows(graph, names, gather, dequantize, self.onnxruntime)
+            elif self.onnxruntime and _producer(gather, "DequantizeLinear") is not None:
+                name = _producer(gather, "DequantizeLinear").inputs[0].name
+                form = rewrite_tied_table(graph, names, _producer(gather, "DequantizeLinear"), self.accuracy_level)
             if form is not None:
-                self.report.note("gather-decode", dequantize.inputs[0].name, form)
+                self.report.note("gather-decode", name, form)
                 modified = True
         if any(node.domain == "com.microsoft" for node in graph):
             model.opset_imports.setdefault("com.microsoft", 1)

@@ -1,4 +1,5 @@
-"""Graph edits the passes share: names no value has yet, and new initializers."""
+"""Graph edits the passes share: names no value has yet, new initializers, one node put in
+another's place."""
 
 from __future__ import annotations
 
@@ -28,3 +29,15 @@ def add_initializer(graph: ir.Graph, names: NameAllocator, base: str, array: np.
     value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Put `new` where `old` is: its first output takes over the old one's uses, type, shape
+    and name (a graph output keeps its name), and `old` is removed."""
+    out, previous = new.outputs[0], old.outputs[0]
+    out.type, out.shape = previous.type, previous.shape
+    graph.insert_before(old, new)
+    ir.convenience.replace_all_uses_with(previous, out, replace_graph_outputs=True)
+    name, previous.name = previous.name, None
+    graph.remove(old, safe=True)
+    out.name = name

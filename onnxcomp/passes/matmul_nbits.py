@@ -1,11 +1,14 @@
-"""A MatMul whose weight sits on a grid with real-valued zero points, written as
-onnxruntime's MatMulNBits (com.microsoft): DequantizeLinear takes integer zero points only,
-MatMulNBits takes them in the scales' type, so each block's levels can span exactly its own
-[min, max] (as HQQ's and llama.cpp's Q4_1 grids do), and onnxruntime runs it on the packed
-codes.
+"""A MatMul by a constant matrix written as onnxruntime's MatMulNBits (com.microsoft), which
+runs on the packed codes: what `--target onnxruntime` writes for blockwise MatMul layers at
+2, 3 (in 4-bit slots), 4 and 8 bits, with the codes, scales and zero points onnxcomp chose.
+It is also the only way to give a block a real-valued zero point (`--zero-point float`):
+DequantizeLinear takes integer ones only.
 
 Layout (onnxruntime's contrib-op spec): B [N, K/block, block·bits/8] uint8, each block's
-codes along K, lowest bits first; scales and zero points [N · K/block], column by column.
+codes along K, lowest bits first; scales [N · K/block], column by column; integer zero
+points packed like the codes, each column's padded to whole bytes; real ones in the
+scales' type. Without zero points MatMulNBits takes 2^(bits−1), so symmetric codes q are
+stored as q + 2^(bits−1) and decode to the same values.
 """
 
 from __future__ import annotations
@@ -15,53 +18,57 @@ import onnx_ir as ir
 
 from onnxcomp.kernels.quantize import Quantized
 from onnxcomp.layers import WeightLayer
-from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
+from onnxcomp.passes.graph_edit import NameAllocator, add_initializer, replace_node
 
-BITS = (2, 4)  # onnxruntime's CPU kernel takes real zero points at these widths (3-bit codes as 4)
+STORED_BITS = {2: 2, 3: 4, 4: 4, 8: 8}  # the slot width onnxruntime's kernels take per code width
+REAL_ZERO_BITS = (2, 3, 4)  # real zero points: onnxruntime's CPU kernel takes them at these widths
 
 
-def usable(layer: WeightLayer, block_size: int | None, bits: int) -> bool:
+def usable(layer: WeightLayer, block_size: int | None, bits: int, real_zero: bool = False) -> bool:
     """Whether the layer can be written as MatMulNBits: a MatMul by a constant right-hand
     matrix, blocks of a power of two of at least 16 along its reduction axis."""
     node = layer.node
     return (node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is layer.weight
             and node.inputs[0] is not layer.weight and len(layer.weight.shape or ()) == 2 and block_size is not None
-            and block_size >= 16 and not block_size & (block_size - 1) and (4 if bits == 3 else bits) in BITS)
+            and block_size >= 16 and not block_size & (block_size - 1) and bits in STORED_BITS
+            and (not real_zero or bits in REAL_ZERO_BITS))
 
 
-def pack(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
-    """(K, N) codes in [0, 2^bits) → B [N, K/block, block·bits/8] uint8."""
-    k, n = codes.shape
+def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[rows, columns] unsigned codes → [rows, ⌈columns·bits/8⌉] uint8, lowest bits first."""
     per_byte = 8 // bits
-    blocks = codes.T.reshape(n, k // block_size, block_size // per_byte, per_byte).astype(np.uint8)
-    packed = np.zeros(blocks.shape[:3], dtype=np.uint8)
+    rows, columns = codes.shape
+    padded = np.zeros((rows, -(-columns // per_byte) * per_byte), np.uint8)
+    padded[:, :columns] = codes
+    slots = padded.reshape(rows, -1, per_byte)
+    packed = np.zeros(slots.shape[:2], np.uint8)
     for slot in range(per_byte):
-        packed |= blocks[..., slot] << (slot * bits)
+        packed |= slots[..., slot] << (slot * bits)
     return packed
 
 
 def replace_with_matmul_nbits(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, qt: Quantized, bits: int,
-                              accuracy_level: int = 0) -> ir.Node:
+                              accuracy_level: int) -> ir.Node:
     """Put a MatMulNBits where the layer's MatMul is (its output value's uses moved over)."""
     node = layer.node
     k, n = layer.weight.shape
-    stored = 4 if bits == 3 else bits
+    stored = STORED_BITS[bits]
+    blocks = k // qt.block_size
+    codes = qt.q.T  # [N, K]
+    if qt.zero_point is None:
+        codes = codes + 2 ** (stored - 1)
     base = layer.weight.name
-    inputs = [
-        node.inputs[0],
-        add_initializer(graph, names, base + "_nbits", pack(qt.q, stored, qt.block_size)),
-        add_initializer(graph, names, base + "_scale", np.ascontiguousarray(qt.scale.T).reshape(-1)),
-        add_initializer(graph, names, base + "_zero_point", np.ascontiguousarray(qt.zero_point.T).reshape(-1)),
-    ]
+    packed = pack_rows(codes.astype(np.uint8), stored).reshape(n, blocks, qt.block_size * stored // 8)
+    inputs = [node.inputs[0], add_initializer(graph, names, base + "_nbits", packed),
+              add_initializer(graph, names, base + "_scale", np.ascontiguousarray(qt.scale.T).reshape(-1))]
+    if qt.zero_point is not None:
+        zero = qt.zero_point.T  # [N, blocks]
+        if zero.dtype.kind != "f":
+            zero = pack_rows(zero.astype(np.uint8), stored)
+        inputs.append(add_initializer(graph, names, base + "_zero_point", np.ascontiguousarray(zero).reshape(-1)))
     attributes = {"K": int(k), "N": int(n), "bits": stored, "block_size": int(qt.block_size), "accuracy_level": accuracy_level}
     fused = ir.node("MatMulNBits", inputs, attributes=attributes, domain="com.microsoft", name=names.fresh((node.name or base) + "_nbits"))
-    out, old = fused.outputs[0], node.outputs[0]
-    out.type, out.shape = old.type, old.shape
-    graph.insert_before(node, fused)
-    ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-    name, old.name = old.name, None
-    graph.remove(node, safe=True)
-    out.name = name
+    replace_node(graph, node, fused)
     fused.name = node.name or fused.name
     if not list(layer.weight.uses()) and layer.weight.name in graph.initializers:
         graph.initializers.pop(layer.weight.name)

@@ -16,7 +16,7 @@ from onnxcomp.calibration.sequential import PairedGram, SequentialStatistics
 from onnxcomp.calibration.statistics import Gram
 from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError
-from onnxcomp.kernels.quantize import Grid, Quantized, dequantize, grid_for, quantize, relative_mse
+from onnxcomp.kernels.quantize import Grid, Quantized, dequantize, grid_for, positive_scales, quantize, relative_mse
 from onnxcomp.layer_matrix import relative_output_error
 from onnxcomp.layers import WeightLayer, computed_weight_sources, find_weight_layers, reduction_depth, shared, sharing_refusal, weight_consumers
 from onnxcomp.passes.bias_correction import correct_bias
@@ -94,7 +94,7 @@ def check_block_size(layers: list[WeightLayer], config: QuantConfig) -> None:
 
 def emit_dequantize(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, qt: Quantized, bits: int) -> ir.Value:
     """Add the packed codes, scale, zero point and a DequantizeLinear; return its output."""
-    signed = qt.zero_point is None
+    signed = qt.zero_point is None or bool((qt.zero_point < 0).any())  # see positive_scales
     onnx_type, np_type = _STORAGE[(storage_bits(bits), signed)]
     base = layer.weight.name
     inputs = [
@@ -285,7 +285,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         axis, block_size, record.granularity, planned.note = layout(layer, self.config)
         if layer.recurrent and (self.config.rounding == "optq" or self.config.magr):
             planned.note = _joined(planned.note, "recurrent weights are rounded to nearest (no OPTQ or MagR statistics)")
-        float_zero = self.config.zero_point == "float" and matmul_nbits.usable(layer, block_size, bits)
+        float_zero = self.config.zero_point == "float" and matmul_nbits.usable(layer, block_size, bits, real_zero=True)
         if self.config.zero_point == "float" and not float_zero:
             planned.note = _joined(planned.note, "integer zero point: real ones need a blockwise MatMul at 2-4 bits")
         planned.grid = grid_for(bits, self.config.asymmetric, float_zero)
@@ -316,7 +316,16 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _replace(self, graph: ir.Graph, names: NameAllocator, planned: _Planned) -> None:
         layer, record, qt, w, w_hat, gram = planned.layer, planned.record, planned.qt, planned.w, planned.w_hat, planned.gram
-        if not planned.grid.float_zero:  # else the MatMul itself is replaced, below, once its bias is corrected
+        if self.config.target == "portable":
+            positive = positive_scales(qt)
+            if positive is not qt:
+                flipped = int((positive.zero_point < 0).sum())
+                planned.note = _joined(planned.note, f"positive scales: {flipped} of {positive.scale.size} groups take a "
+                                                     "zero point of -1 (same values)")
+            qt = planned.qt = positive
+        nbits = planned.grid.float_zero or (self.config.target == "onnxruntime" and self.config.act_bits is None
+                                            and not planned.sqrt and matmul_nbits.usable(layer, qt.block_size, planned.bits))
+        if not nbits:  # else the MatMul itself is replaced, below, once its bias is corrected
             dq_out = emit_dequantize(graph, names, layer, qt, planned.bits)
             if planned.sqrt:
                 dq_out = emit_sqrt_decode(graph, names, layer, dq_out)
@@ -341,6 +350,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 reference_mean = planned.paired.reference.mean if planned.paired is not None else None
                 corrected = correct_bias(graph, names, layer, gram.mean, w, w_hat, reference_mean) is not None
                 record.note = _joined(record.note, "bias corrected" if corrected else "no bias to correct")
-        if planned.grid.float_zero:
-            matmul_nbits.replace_with_matmul_nbits(graph, names, layer, qt, planned.bits)
-            record.note = _joined(record.note, "MatMulNBits (real zero points)")
+        if nbits:
+            level = self.config.nbits_accuracy(planned.bits)
+            matmul_nbits.replace_with_matmul_nbits(graph, names, layer, qt, planned.bits, level)
+            kind = ", real zero points" if planned.grid.float_zero else ""
+            record.note = _joined(record.note, f"MatMulNBits (accuracy level {level}{kind})")

@@ -120,3 +120,48 @@ def test_stored_weights_decode_matmul_nbits_as_the_spec_lays_it_out(tmp_path):
     _, expected = _decoded_weight(onnx.load(out))
     (nbits,) = [w for w in stored_weights(ir.load(str(out)).graph) if w.op == "MatMulNBits"]
     np.testing.assert_allclose(nbits.weight, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, asymmetric, granularity", [(8, False, "channel"), (4, True, "channel"), (4, False, "tensor")])
+def test_per_channel_matmul_is_packed_with_repeated_scales(tmp_path, bits, asymmetric, granularity):
+    source, out, portable = tmp_path / "linear.onnx", tmp_path / "q.onnx", tmp_path / "portable.onnx"
+    onnx.save(graphs.parsed(LINEAR, {"w": (64, 24), "b": (24,), "g": (64, 24)}), source)
+    options = {"bits": bits, "asymmetric": asymmetric, "granularity": granularity}
+    report = compress_to(source, out, **options)
+    compress_to(source, portable, **options, target="portable")
+    node, weight = _decoded_weight(onnx.load(out))
+    assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "block_size")) == 64
+    assert any("scales repeated per block of 64" in (r.note or "") for r in report.layers)
+    (stored,) = [w for w in stored_weights(ir.load(str(portable)).graph) if "MatMul" in w.op]
+    np.testing.assert_allclose(weight, stored.weight, rtol=0, atol=1e-7)
+
+
+def test_a_shared_matrix_keeps_its_one_dequantize(tmp_path):
+    source, out = tmp_path / "shared.onnx", tmp_path / "q.onnx"
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    shared (float[batch, 64] x, float[batch, 64] u) => (float[batch, 24] y, float[batch, 24] z) {
+        y = MatMul(x, w)
+        z = MatMul(u, w)
+    }
+    """
+    onnx.save(graphs.parsed(text, {"w": (64, 24)}), source)
+    compress_to(source, out, bits=4, granularity="block", block_size=32)
+    assert op_count(out, "MatMulNBits") == 0 and op_count(out, "DequantizeLinear") == 1
+    assert not [t for t in onnx.load(out).graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.name == "w"]
+
+
+def test_repeated_scales_stay_within_the_kernels_block_sizes(tmp_path):
+    source, out = tmp_path / "wide.onnx", tmp_path / "q.onnx"
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    wide (float[batch, 1536] x) => (float[batch, 8] y) {
+        y = MatMul(x, w)
+    }
+    """
+    onnx.save(graphs.parsed(text, {"w": (1536, 8)}), source)  # 1536 = 512 · 3: blocks of 256
+    compress_to(source, out, bits=4)
+    node, _ = _decoded_weight(onnx.load(out))
+    assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "block_size")) == 256
+    x = np.random.default_rng(0).normal(size=(2, 1536)).astype(np.float32)
+    assert np.isfinite(outputs(out, {"x": x})["y"]).all()

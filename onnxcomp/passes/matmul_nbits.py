@@ -17,21 +17,43 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.kernels.quantize import Quantized
-from onnxcomp.layers import WeightLayer
+from onnxcomp.layers import WeightLayer, weight_consumers
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer, replace_node
 
 STORED_BITS = {2: 2, 3: 4, 4: 4, 8: 8}  # the slot width onnxruntime's kernels take per code width
-REAL_ZERO_BITS = (2, 3, 4)  # real zero points: onnxruntime's CPU kernel takes them at these widths
+REAL_ZERO_BITS = (2, 3, 4)
+MAX_BLOCK = 256  # onnxruntime's CPU kernel takes blocks of 16 to 256  # real zero points: onnxruntime's CPU kernel takes them at these widths
 
 
 def usable(layer: WeightLayer, block_size: int | None, bits: int, real_zero: bool = False) -> bool:
     """Whether the layer can be written as MatMulNBits: a MatMul by a constant right-hand
-    matrix, blocks of a power of two of at least 16 along its reduction axis."""
+    matrix that no other node reads, blocks of a power of two from 16 to 256 along its
+    reduction axis."""
     node = layer.node
     return (node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is layer.weight
+            and len(weight_consumers(layer.weight)) == 1
             and node.inputs[0] is not layer.weight and len(layer.weight.shape or ()) == 2 and block_size is not None
-            and block_size >= 16 and not block_size & (block_size - 1) and bits in STORED_BITS
+            and 16 <= block_size <= MAX_BLOCK and not block_size & (block_size - 1) and bits in STORED_BITS
             and (not real_zero or bits in REAL_ZERO_BITS))
+
+
+def as_blocks(layer: WeightLayer, qt: Quantized) -> Quantized | None:
+    """A per-channel or per-tensor MatMul weight in MatMulNBits' blockwise layout: blocks as
+    long as the largest power of two dividing the reduction (16 to 256), each repeating its
+    column's scale and zero point, so the codes and decoded values stay the same. None where
+    the reduction has no such divisor."""
+    if qt.block_size is not None or qt.axis not in (None, 1) or layer.node.op_type != "MatMul":
+        return None
+    k, n = qt.q.shape
+    block = min(k & -k, MAX_BLOCK)  # the largest power of two dividing k, as far as the kernel goes
+    if block < 16:
+        return None
+    count = k // block
+
+    def repeated(param):
+        return None if param is None else np.ascontiguousarray(np.broadcast_to(np.reshape(param, (1, -1)), (count, n)))
+
+    return Quantized(qt.q, repeated(qt.scale), repeated(qt.zero_point), 0, block)
 
 
 def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:

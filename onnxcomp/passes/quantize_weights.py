@@ -323,8 +323,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 planned.note = _joined(planned.note, f"positive scales: {flipped} of {positive.scale.size} groups take a "
                                                      "zero point of -1 (same values)")
             qt = planned.qt = positive
-        nbits = planned.grid.float_zero or (self.config.target == "onnxruntime" and self.config.act_bits is None
-                                            and not planned.sqrt and matmul_nbits.usable(layer, qt.block_size, planned.bits))
+        packed = self.config.target == "onnxruntime" and self.config.act_bits is None and not planned.sqrt
+        blocked = matmul_nbits.as_blocks(layer, qt) if packed and qt.block_size is None else None
+        if blocked is not None and matmul_nbits.usable(layer, blocked.block_size, planned.bits):
+            qt = planned.qt = blocked  # per channel as MatMulNBits takes it: a scale repeated per block
+            planned.note = _joined(planned.note, f"scales repeated per block of {blocked.block_size} for MatMulNBits")
+        nbits = planned.grid.float_zero or (packed and matmul_nbits.usable(layer, qt.block_size, planned.bits))
         if not nbits:  # else the MatMul itself is replaced, below, once its bias is corrected
             dq_out = emit_dequantize(graph, names, layer, qt, planned.bits)
             if planned.sqrt:

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnxcomp.layers import attr_int, dequantize_layout
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer, replace_node
-from onnxcomp.passes.matmul_nbits import pack_rows
+from onnxcomp.passes.matmul_nbits import MAX_BLOCK, pack_rows
 
 _BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 
@@ -48,7 +48,7 @@ def rewrite_tied_table(graph: ir.Graph, names: NameAllocator, dequantize: ir.Nod
     if any(v is not None and (v.const_value is None or len(list(v.uses())) != 1) for v in dequantize.inputs):
         return None
     axis, block = dequantize_layout(dequantize)
-    if axis != 1 or block is None or block < 16 or block & (block - 1):
+    if axis != 1 or block is None or not 16 <= block <= MAX_BLOCK or block & (block - 1):
         return None
     readers = _readers(dequantize)
     if readers is None or scale_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):

@@ -202,9 +202,12 @@ COMPRESS_EXAMPLES = (
               help="Output path. Default: MODEL with .q<BITS>.onnx in place of .onnx.")
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="8",
               help="Weight bit width (3-bit codes are stored as int4).")
-@click.option("--granularity", type=click.Choice([g.value for g in Granularity]), default="channel",
-              help="One scale per tensor, per output channel, or per block along the reduction axis.")
-@click.option("--block-size", type=int, default=32, help="Elements per block with --granularity block (a power of two).")
+@click.option("--granularity", type=click.Choice([g.value for g in Granularity]), default="auto",
+              help="One scale per tensor, per output channel, or per block along the reduction axis; auto: at 2-4 "
+                   "bits blocks for MatMul, Gemm and embedding tables and per channel for convolutions, at 8 bits "
+                   "per channel (what the zoo measures best).")
+@click.option("--block-size", type=int, default=32,
+              help="Elements per block with --granularity block or auto (a power of two).")
 @click.option("--asymmetric", is_flag=True, default=False, help="Unsigned codes with a zero point instead of a symmetric grid.")
 @click.option("--zero-point", type=click.Choice(["integer", "float"]), default="integer",
               help="With --asymmetric and blocks: integer zero points (DequantizeLinear), or real-valued ones so each "

@@ -23,6 +23,11 @@ class Granularity(str, enum.Enum):
     TENSOR = "tensor"
     CHANNEL = "channel"
     BLOCK = "block"
+    AUTO = "auto"  # per layer kind and bit width: see QuantConfig.layer_granularity
+
+
+# Layers that take blocks along their reduction where the default picks for them.
+BLOCKED_BY_DEFAULT = ("MatMul", "Gemm", "Gather")
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class QuantConfig:
     """Options of the weight quantization pass (and of the passes it needs first)."""
 
     bits: int = 8
-    granularity: Granularity = Granularity.CHANNEL
+    granularity: Granularity = Granularity.AUTO
     block_size: int = 32
     asymmetric: bool = False
     exclude: str | None = None
@@ -81,7 +86,7 @@ class QuantConfig:
         for option, value in (("--keep-first-last-bits", self.keep_first_last_bits), ("--gather-bits", self.gather_bits)):
             if value is not None and value not in SUPPORTED_BITS:
                 raise ConfigError(f"{option} {value} is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
-        if self.granularity is Granularity.BLOCK:
+        if self.granularity in (Granularity.BLOCK, Granularity.AUTO):
             size = self.block_size
             if size < 2 or size & (size - 1):
                 raise ConfigError(
@@ -120,7 +125,8 @@ class QuantConfig:
         if self.zero_point not in ("integer", "float"):
             raise ConfigError(f"--zero-point {self.zero_point} is not supported; choose integer or float")
         if self.zero_point == "float":
-            needed = [("--granularity block", self.granularity is Granularity.BLOCK), ("--asymmetric", self.asymmetric),
+            needed = [("--granularity block", self.granularity in (Granularity.BLOCK, Granularity.AUTO)),
+                      ("--asymmetric", self.asymmetric),
                       ("--target onnxruntime", self.target == "onnxruntime")]
             missing = [flag for flag, ok in needed if not ok]
             if missing or self.range_search or self.sqrt:
@@ -144,6 +150,16 @@ class QuantConfig:
         return {f.name: (v.value if isinstance(v, enum.Enum) else v) for f in dataclasses.fields(self)
                 for v in (getattr(self, f.name),)}
 
+    def layer_granularity(self, op_type: str, bits: int) -> Granularity:
+        """The granularity a layer gets. The default (auto) follows the zoo's measurements:
+        at 2-4 bits, blocks for MatMul, Gemm and embedding tables (MiniLM at 4 bits: cosine
+        0.967 in blocks of 32 against 0.904 per channel; a CTC recognizer keeps its accuracy
+        in blocks and loses it per channel), per channel for convolutions and recurrent
+        layers; at 8 bits per channel everywhere (within noise of FP32, smallest)."""
+        if self.granularity is not Granularity.AUTO:
+            return self.granularity
+        return Granularity.BLOCK if bits <= 4 and op_type in BLOCKED_BY_DEFAULT else Granularity.CHANNEL
+
     def nbits_accuracy(self, bits: int) -> int:
         """The accuracy level of a MatMulNBits holding `bits`-bit codes."""
         if self.accuracy_level is not None:
@@ -162,5 +178,5 @@ class QuantConfig:
         if min(self.all_bits) <= 2:
             return 25
         if min(self.all_bits) <= 4 or self.granularity is Granularity.BLOCK:
-            return 21
+            return 21  # (the default's blocks come at 4 bits or fewer only)
         return 13

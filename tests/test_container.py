@@ -41,7 +41,8 @@ def test_minilm_round_trip_and_entropy_bound(quantized_minilm, bits):
     blob = pack(data)
     assert unpack(blob) == data
     infos, _ = describe(blob)
-    assert len(infos) >= 39 and {i.bits for i in infos} == {bits}
+    # MatMulNBits hold their codes packed in bytes, coded as 8-bit symbols
+    assert len(infos) >= 39 and bits in {i.bits for i in infos} and {i.bits for i in infos} <= {bits, 8}
     coded = sum(i.stored_bytes for i in infos)
     bound = sum(i.entropy_bits * i.elements / 8 for i in infos)
     assert coded <= bound * 1.01  # the stored probability models included

@@ -160,7 +160,7 @@ def test_repeated_scales_stay_within_the_kernels_block_sizes(tmp_path):
     }
     """
     onnx.save(graphs.parsed(text, {"w": (1536, 8)}), source)  # 1536 = 512 · 3: blocks of 256
-    compress_to(source, out, bits=4)
+    compress_to(source, out, bits=4, granularity="channel")
     node, _ = _decoded_weight(onnx.load(out))
     assert onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "block_size")) == 256
     x = np.random.default_rng(0).normal(size=(2, 1536)).astype(np.float32)

@@ -168,7 +168,8 @@ def test_optq_beats_nearest_on_minilm(tmp_path, minilm, minilm_calib, minilm_fee
     reference = outputs(minilm, minilm_feeds)["sentence_embedding"]
     cosines = {}
     for rounding in ("nearest", "optq"):
-        model, _ = compress_model(load_model(minilm), QuantConfig(bits=4, rounding=rounding), calibration=Calibration(minilm_calib))
+        model, _ = compress_model(load_model(minilm), QuantConfig(bits=4, granularity="channel", rounding=rounding),
+                                  calibration=Calibration(minilm_calib))
         save_model(model, tmp_path / "q.onnx")
         cosines[rounding] = mean_cosine(reference, outputs(tmp_path / "q.onnx", minilm_feeds, 0)["sentence_embedding"])
     assert cosines["optq"] > cosines["nearest"] + 0.03, cosines

@@ -138,7 +138,8 @@ def test_sequential_objective_beats_rounding_to_nearest_on_digits(tmp_path):
     source, calib = MODELS / "digits_cnn.onnx", MODELS / "digits_calib.npz"
     accuracies = {}
     for name, options in (("rtn", {}), ("sequential", dict(range_search=True, range_objective="sequential"))):
-        model, report = compress_model(load_model(source), QuantConfig(bits=2, **options), calibration=Calibration(calib))
+        model, report = compress_model(load_model(source), QuantConfig(bits=2, granularity="channel", **options),
+                                       calibration=Calibration(calib))
         save_model(model, tmp_path / f"{name}.onnx")
         accuracies[name] = accuracy(tmp_path / f"{name}.onnx")
     assert all(r.range_search["objective"] == "sequential" for r in report.layers)
@@ -152,7 +153,8 @@ def test_range_search_beats_round_to_nearest_on_minilm(tmp_path, minilm, minilm_
     for name, options, calib in (("rtn", {}, None), ("mse", dict(range_search=True), None),
                                  ("output", dict(range_search=True, range_objective="output"), minilm_calib),
                                  ("sequential", dict(range_search=True, range_objective="sequential"), minilm_calib)):
-        model, _ = compress_model(load_model(minilm), QuantConfig(bits=bits, **options), calibration=Calibration(calib))
+        model, _ = compress_model(load_model(minilm), QuantConfig(bits=bits, granularity="channel", **options),
+                                  calibration=Calibration(calib))
         save_model(model, tmp_path / f"{name}.onnx")
         cosines[name] = mean_cosine(reference, outputs(tmp_path / f"{name}.onnx", minilm_feeds, 0)["sentence_embedding"])
     assert all(cosines[name] > cosines["rtn"] + 0.02 for name in ("mse", "output", "sequential")), cosines

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from onnxcomp.progress import stage
 
 from onnxcomp.calibration.analysis import Calibration, CalibrationWarning
-from onnxcomp.config import Granularity, QuantConfig
+from onnxcomp.config import QuantConfig
 from onnxcomp.kernels.magr import magr
 from onnxcomp.layer_matrix import relative_output_error, weight_from_matrix, weight_matrix
 from onnxcomp.layers import WeightLayer, find_weight_layers, shared
@@ -21,11 +21,11 @@ from onnxcomp.report import MagrRecord, Report
 DEAD_INPUT = 1e-12
 
 
-def magr_alpha(config: QuantConfig) -> float:
+def magr_alpha(config: QuantConfig, blockwise: bool) -> float:
     """The paper's defaults: 1e-3 per channel, 1e-4 per block."""
     if config.magr_alpha is not None:
         return config.magr_alpha
-    return 1e-4 if config.granularity is Granularity.BLOCK else 1e-3
+    return 1e-4 if blockwise else 1e-3
 
 
 def _block_rows(layer: WeightLayer, block_size: int | None, reduction: int) -> tuple[np.ndarray | None, int | None]:
@@ -95,7 +95,7 @@ class MagrPass(ir.passes.InPlacePass):
         ordered_gram = gram if order is None else gram[:, order][:, :, order]
         if order is not None:
             matrix = matrix[:, order]
-        result = magr(matrix, ordered_gram, magr_alpha(self.config), self.config.magr_iters, block,
+        result = magr(matrix, ordered_gram, magr_alpha(self.config, block_size is not None), self.config.magr_iters, block,
                       device=self.device, min_eigenvalue=DEAD_INPUT * max(rows, 1))
         names = ", ".join(layer.name for layer in layers)
         if result.dead.any():

@@ -62,16 +62,18 @@ def skip_reason(layer: WeightLayer, config: QuantConfig) -> str | None:
     return None
 
 
-def layout(layer: WeightLayer, config: QuantConfig) -> tuple[int | None, int | None, str, str]:
-    """(axis, block_size, granularity label, note) for DequantizeLinear on this layer."""
+def layout(layer: WeightLayer, config: QuantConfig, bits: int | None = None) -> tuple[int | None, int | None, str, str]:
+    """(axis, block_size, granularity label, note) for DequantizeLinear on this layer at
+    `bits` (default: --bits)."""
     shape = layer.weight.shape
-    if config.granularity is Granularity.TENSOR:
+    granularity = config.layer_granularity(layer.node.op_type, config.bits if bits is None else bits)
+    if granularity is Granularity.TENSOR:
         return None, None, "tensor", ""
-    if layer.recurrent and config.granularity is Granularity.CHANNEL:
+    if layer.recurrent and granularity is Granularity.CHANNEL:
         # One scale per gate unit and direction: blocks as long as the row (DequantizeLinear's
         # axis takes one dimension only, and the directions are another).
         return layer.reduction_axis, shape[layer.reduction_axis], "channel", ""
-    if config.granularity is Granularity.BLOCK:
+    if granularity is Granularity.BLOCK:
         depth = shape[layer.reduction_axis]
         if depth % config.block_size == 0:
             return layer.reduction_axis, config.block_size, f"block{config.block_size}", ""
@@ -282,7 +284,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if reason:
             record.note = reason
             return planned
-        axis, block_size, record.granularity, planned.note = layout(layer, self.config)
+        axis, block_size, record.granularity, planned.note = layout(layer, self.config, bits)
         if layer.recurrent and (self.config.rounding == "optq" or self.config.magr):
             planned.note = _joined(planned.note, "recurrent weights are rounded to nearest (no OPTQ or MagR statistics)")
         float_zero = self.config.zero_point == "float" and matmul_nbits.usable(layer, block_size, bits, real_zero=True)

@@ -316,21 +316,28 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             planned.note = _joined(planned.note, outcome.note)
             self._replace(graph, names, planned)
 
-    def _replace(self, graph: ir.Graph, names: NameAllocator, planned: _Planned) -> None:
-        layer, record, qt, w, w_hat, gram = planned.layer, planned.record, planned.qt, planned.w, planned.w_hat, planned.gram
+    def _lay_out_for_target(self, planned: _Planned) -> bool:
+        """Put planned.qt in the form the target runs (the same decoded values); whether the
+        layer becomes a MatMulNBits."""
+        layer, qt = planned.layer, planned.qt
         if self.config.target == "portable":
             positive = positive_scales(qt)
             if positive is not qt:
                 flipped = int((positive.zero_point < 0).sum())
                 planned.note = _joined(planned.note, f"positive scales: {flipped} of {positive.scale.size} groups take a "
                                                      "zero point of -1 (same values)")
-            qt = planned.qt = positive
-        packed = self.config.target == "onnxruntime" and self.config.act_bits is None and not planned.sqrt
+            planned.qt = positive
+            return False
+        packed = self.config.act_bits is None and not planned.sqrt  # W8A8 and sqrt decoding keep DequantizeLinear
         blocked = matmul_nbits.as_blocks(layer, qt) if packed and qt.block_size is None else None
         if blocked is not None and matmul_nbits.usable(layer, blocked.block_size, planned.bits):
-            qt = planned.qt = blocked  # per channel as MatMulNBits takes it: a scale repeated per block
+            planned.qt = blocked  # per channel as MatMulNBits takes it: a scale repeated per block
             planned.note = _joined(planned.note, f"scales repeated per block of {blocked.block_size} for MatMulNBits")
-        nbits = planned.grid.float_zero or (packed and matmul_nbits.usable(layer, qt.block_size, planned.bits))
+        return planned.grid.float_zero or (packed and matmul_nbits.usable(layer, planned.qt.block_size, planned.bits))
+
+    def _replace(self, graph: ir.Graph, names: NameAllocator, planned: _Planned) -> None:
+        nbits = self._lay_out_for_target(planned)
+        layer, record, qt, w, w_hat, gram = planned.layer, planned.record, planned.qt, planned.w, planned.w_hat, planned.gram
         if not nbits:  # else the MatMul itself is replaced, below, once its bias is corrected
             dq_out = emit_dequantize(graph, names, layer, qt, planned.bits)
             if planned.sqrt:

@@ -215,8 +215,8 @@ COMPRESS_EXAMPLES = (
                    "the other layers keep integer ones).")
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default=None,
               help="With --target onnxruntime: the MatMulNBits nodes written compute in float (0) or quantize their "
-                   "input to int8 (4). Default: 4 for 8-bit layers, 0 for 2-4 bits (the faster on this project's "
-                   "measurements).")
+                   "input to int8 (4, faster at 8 bits, less exact). Default: 0, except 8-bit layers in a model of "
+                   "4 bits or fewer (a tied embedding at --gather-bits 8), which get 4.")
 @click.option("--exclude", default=None, help="Regular expression on node names: matching layers stay in float.")
 @click.option("--min-elements", type=int, default=0, help="Weights with fewer elements stay in float.")
 @click.option("--keep-first-last-bits", type=int, default=None,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.container.format import to_symbols
 from onnxcomp.kernels.quantize import Quantized, dequantize
 from onnxcomp.layers import attr_int, dequantize_layout
 
@@ -51,22 +52,16 @@ def _from_matmul_nbits(node: ir.Node) -> StoredWeight | None:
         return None
     k, n, bits, block = (attr_int(node, key, 0) for key in ("K", "N", "bits", "block_size"))
     blocks = -(-k // block)
-    codes = _unpack(packed, bits).reshape(n, blocks * block)
+    codes = to_symbols(packed.tobytes(), bits, packed.size * 8 // bits).reshape(n, blocks * block)
     if zero is None:
         zero = np.full(n * blocks, 2 ** (bits - 1), np.float64)
     elif zero.dtype == np.uint8:
-        zero = _unpack(zero, bits).reshape(n, -1)[:, :blocks]
+        zero = to_symbols(zero.tobytes(), bits, zero.size * 8 // bits).reshape(n, -1)[:, :blocks]
     zero = zero.astype(np.float64).reshape(n, blocks, 1)
     decoded = (codes.reshape(n, blocks, block) - zero) * scale.astype(np.float64).reshape(n, blocks, 1)
     weight = decoded.reshape(n, blocks * block)[:, :k].T.astype(scale.dtype)
     parts = tuple(v for v in node.inputs[1:] if v is not None and v.const_value is not None)
     return StoredWeight(node.inputs[1].name, "MatMulNBits", f"uint{bits} packed", weight, parts)
-
-
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    per_byte = 8 // bits
-    flat = packed.reshape(-1, 1) >> (np.arange(per_byte, dtype=np.uint8) * bits)
-    return (flat & (2**bits - 1)).reshape(-1).astype(np.int32)
 
 
 def _from_gather_block_quantized(node: ir.Node) -> StoredWeight | None:

@@ -100,12 +100,6 @@ def _decode_rows(graph: ir.Graph, names: NameAllocator, gather: ir.Node, dequant
     return form
 
 
-def _producer(node: ir.Node, op_type: str) -> ir.Node | None:
-    table = node.inputs[0]
-    producer = table.producer() if table is not None else None
-    return producer if producer is not None and producer.op_type == op_type else None
-
-
 def _as_column(graph: ir.Graph, names: NameAllocator, value: ir.Value) -> ir.Value:
     """An initializer [rows] as [rows, 1]: one block per row."""
     tensor = value.const_value
@@ -130,13 +124,14 @@ class GatherDecodePass(ir.passes.InPlacePass):
         for gather in [n for n in graph if n.op_type == "Gather" and n.domain in ("", "ai.onnx")]:
             if gather.graph is None:  # removed with a tied table rewritten earlier in this loop
                 continue
-            dequantize, form = _table_dequantize(gather), None
-            if dequantize is not None:
-                name = dequantize.inputs[0].name
-                form = _decode_rows(graph, names, gather, dequantize, self.onnxruntime)
-            elif self.onnxruntime and _producer(gather, "DequantizeLinear") is not None:
-                name = _producer(gather, "DequantizeLinear").inputs[0].name
-                form = rewrite_tied_table(graph, names, _producer(gather, "DequantizeLinear"), self.accuracy_level)
+            table = gather.inputs[0].producer() if gather.inputs[0] is not None else None
+            if table is None or table.op_type != "DequantizeLinear":
+                continue
+            name = table.inputs[0].name  # read before the rewrite removes the decode
+            if _table_dequantize(gather) is not None:  # read by this Gather alone
+                form = _decode_rows(graph, names, gather, table, self.onnxruntime)
+            else:
+                form = rewrite_tied_table(graph, names, table, self.accuracy_level) if self.onnxruntime else None
             if form is not None:
                 self.report.note("gather-decode", name, form)
                 modified = True

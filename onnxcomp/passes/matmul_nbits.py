@@ -21,8 +21,8 @@ from onnxcomp.layers import WeightLayer, weight_consumers
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer, replace_node
 
 STORED_BITS = {2: 2, 3: 4, 4: 4, 8: 8}  # the slot width onnxruntime's kernels take per code width
-REAL_ZERO_BITS = (2, 3, 4)
-MAX_BLOCK = 256  # onnxruntime's CPU kernel takes blocks of 16 to 256  # real zero points: onnxruntime's CPU kernel takes them at these widths
+REAL_ZERO_BITS = (2, 3, 4)  # real zero points: onnxruntime's CPU kernel takes them at these widths
+MAX_BLOCK = 256  # onnxruntime's CPU kernel takes blocks of 16 to 256
 
 
 def usable(layer: WeightLayer, block_size: int | None, bits: int, real_zero: bool = False) -> bool:

@@ -71,14 +71,16 @@ def rewrite_tied_table(graph: ir.Graph, names: NameAllocator, dequantize: ir.Nod
     flat.outputs[0].name = names.fresh(f"{base}_packed_rows")
     graph.insert_before(first, flat)
     for gather in gathers:
-        replace_node(graph, gather, ir.node("GatherBlockQuantized", [flat.outputs[0], gather.inputs[1], scales, zeros], domain="com.microsoft",
-                                     attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
-                                     name=names.fresh(f"{base}_GatherBlockQuantized")))
+        lookup = ir.node("GatherBlockQuantized", [flat.outputs[0], gather.inputs[1], scales, zeros], domain="com.microsoft",
+                         attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
+                         name=names.fresh(f"{base}_GatherBlockQuantized"))
+        replace_node(graph, gather, lookup)
     for _, matmul in matmuls:
-        replace_node(graph, matmul, ir.node("MatMulNBits", [matmul.inputs[0], packed, scales, zeros], domain="com.microsoft",
-                                     attributes={"K": width, "N": rows, "bits": bits, "block_size": block,
-                                                 "accuracy_level": accuracy_level(bits)},
-                                     name=names.fresh(f"{base}_MatMulNBits")))
+        logits = ir.node("MatMulNBits", [matmul.inputs[0], packed, scales, zeros], domain="com.microsoft",
+                         attributes={"K": width, "N": rows, "bits": bits, "block_size": block,
+                                     "accuracy_level": accuracy_level(bits)},
+                         name=names.fresh(f"{base}_MatMulNBits"))
+        replace_node(graph, matmul, logits)
     for transpose in {id(t): t for t, _ in matmuls}.values():
         graph.remove(transpose, safe=True)
     graph.remove(dequantize, safe=True)
@@ -86,4 +88,3 @@ def rewrite_tied_table(graph: ir.Graph, names: NameAllocator, dequantize: ir.Nod
         if value is not None and not list(value.uses()):
             graph.initializers.pop(value.name, None)
     return f"tied: GatherBlockQuantized and MatMulNBits on one packed table, {bits}-bit blocks of {block}"
-

@@ -127,6 +127,26 @@ def _conv_transpose_rows(node: ir.Node, x: np.ndarray, weight_shape, groups: int
     return _rows_of(flipped, groups, positions, rng)
 
 
+def _recurrent_rows(layer: WeightLayer, x: np.ndarray) -> np.ndarray:
+    """(directions, rows, features): for W the input sequence X, the same rows for every
+    direction; for R the hidden states each direction multiplied, h(t−1) of every step but
+    the first (whose state, initial_h, is not among the node's outputs). X is (T, N, in) and
+    Y (T, D, N, hidden), or with layout = 1 (N, T, in) and (N, T, D, hidden)."""
+    directions = layer.groups
+    batch_first = attr_int(layer.node, "layout", 0) == 1
+    if layer.index == 1:
+        rows = x.reshape(-1, x.shape[-1])
+        return np.broadcast_to(rows, (directions, *rows.shape))
+    states = x.transpose(2, 1, 0, 3) if batch_first else x.transpose(1, 0, 2, 3)  # (D, T, N, hidden)
+    reverse = _string(layer.node, "direction", "forward") == "reverse"
+    per_direction = []
+    for d in range(directions):
+        backward = reverse or d == 1  # a reverse pass reads the state of the step after
+        previous = states[d, 1:] if backward else states[d, :-1]
+        per_direction.append(previous.reshape(-1, states.shape[-1]))
+    return np.stack(per_direction)
+
+
 def input_rows(
     layer: WeightLayer, x: np.ndarray, positions: int | None = None, rng: np.random.Generator | None = None
 ) -> np.ndarray:
@@ -140,6 +160,8 @@ def input_rows(
         return x.reshape(1, -1, x.shape[-1])
     if op == "Gemm":
         return (x.T if attr_int(node, "transA", 0) else x)[None]
+    if layer.recurrent:
+        return _recurrent_rows(layer, x)
     shape = tuple(layer.weight.shape)
     if op == "Conv":
         return _conv_rows(node, x, shape, layer.groups, positions, rng)
@@ -151,6 +173,8 @@ def input_rows(
 def weight_matrix(layer: WeightLayer, w: np.ndarray) -> np.ndarray:
     """(groups, reduction, outputs per group) view of the weight, matching `input_rows`."""
     op, groups = layer.node.op_type, layer.groups
+    if layer.recurrent:
+        return w.transpose(0, 2, 1)  # (directions, gates·hidden, in) → (directions, in, gates·hidden)
     if op == "MatMul" or (op == "Gemm" and layer.channel_axis == 1):
         return w[None]
     if op == "Gemm":
@@ -166,6 +190,8 @@ def weight_matrix(layer: WeightLayer, w: np.ndarray) -> np.ndarray:
 def weight_from_matrix(layer: WeightLayer, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of `weight_matrix`: the weight in its ONNX layout."""
     op, groups = layer.node.op_type, layer.groups
+    if layer.recurrent:
+        return matrix.transpose(0, 2, 1).reshape(shape)
     if op == "MatMul" or (op == "Gemm" and layer.channel_axis == 1):
         return matrix[0].reshape(shape)
     if op == "Gemm":

@@ -24,10 +24,15 @@ class WeightLayer:
     weight: ir.Value
     channel_axis: int
     reduction_axis: int
+    index: int = 1  # the node input the weight is read at (a recurrent node's W is 1, R is 2)
 
     @property
     def name(self) -> str:
-        return self.node.name or self.weight.name or "?"
+        """The node's name; a recurrent node's two views say which weight (`lstm:W`, `lstm:R`)."""
+        base = self.node.name or self.weight.name or "?"
+        if self.recurrent and self.node.name:
+            return f"{base}:{'W' if self.index == 1 else 'R'}"
+        return base
 
     @property
     def data(self) -> ir.Value | None:
@@ -36,11 +41,32 @@ class WeightLayer:
         return None if self.node.op_type in ("Gather", *RECURRENT) else self.node.inputs[0]
 
     @property
+    def rows_source(self) -> ir.Value | None:
+        """The value whose rows the weight multiplies, for input statistics: `data`, or for a
+        recurrent layer its input sequence X (weight W) or its hidden states Y (weight R: the
+        states of the step before). None where there is none: an embedding lookup, a
+        recurrent layer without Y, and GRU's R unless linear_before_reset (its new gate
+        multiplies r⊙h, not the hidden state)."""
+        if not self.recurrent:
+            return self.data
+        if self.index == 1:
+            return self.node.inputs[0]
+        hidden = self.node.outputs[0] if self.node.outputs else None
+        if hidden is None or not hidden.name:
+            return None
+        if self.node.op_type == "GRU" and not attr_int(self.node, "linear_before_reset", 0):
+            return None
+        return hidden
+
+    @property
     def recurrent(self) -> bool:
         return self.node.op_type in RECURRENT
 
     @property
     def groups(self) -> int:
+        """Convolution groups; for a recurrent layer its directions, each a matrix of its own."""
+        if self.recurrent:
+            return int(self.weight.shape[0])
         return attr_int(self.node, "group", 1) if self.node.op_type in ("Conv", "ConvTranspose") else 1
 
 
@@ -116,7 +142,7 @@ def weight_layers(node: ir.Node, include_quantized: bool = False) -> list[Weight
             continue
         axes = layer_axes(node, index, len(weight.shape or ()))
         if axes is not None:
-            found.append(WeightLayer(node, weight, *axes))
+            found.append(WeightLayer(node, weight, *axes, index))
     return found
 
 

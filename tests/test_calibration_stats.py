@@ -68,7 +68,7 @@ def test_streamed_gram_equals_direct(calib_npz):
     dataset = open_calibration(calib_npz, input_specs(model), {}, CalibOptions(samples=100, batch=8))
     layers = find_weight_layers(model.graph)
     stats = collect(model, dataset, layers)
-    grams = {node.name: record for node, record in stats.layers.items()}
+    grams = {layer.node.name: record for layer, record in stats.layers.items()}
 
     expected = direct_conv_gram(calib_npz)
     got = grams["conv"].gram.matrix
@@ -89,8 +89,8 @@ def test_groups_under_a_tiny_memory_budget_give_the_same_statistics(calib_npz):
     values = [layer.data for layer in layers]
     whole = collect(model, dataset, layers, values)
     split = collect(model, dataset, layers, values, memory_budget=1)  # one value per onnxruntime session
-    for node, record in whole.layers.items():
-        np.testing.assert_array_equal(split.layers[node].gram.matrix, record.gram.matrix)
+    for layer, record in whole.layers.items():
+        np.testing.assert_array_equal(split.layers[layer].gram.matrix, record.gram.matrix)
     for value, record in whole.activations.items():
         np.testing.assert_array_equal(split.activations[value].histogram.counts, record.histogram.counts)
         assert split.activations[value].maximum == record.maximum
@@ -101,13 +101,13 @@ def test_statistics_are_cached_until_marked_stale(calib_npz):
     layers = find_weight_layers(model.graph)
     calibration = Calibration(calib_npz)
     first = calibration.statistics(model, "test", layers=layers)
-    gram = first.layers[layers[0].node].gram.matrix.copy()
+    gram = first.layers[layers[0]].gram.matrix.copy()
     calibration.statistics(model, "test", layers=layers[:1])
     assert calibration.runs == 1
     calibration.mark_stale()
     again = calibration.statistics(model, "test", layers=layers)
     assert calibration.runs == 2
-    np.testing.assert_array_equal(again.layers[layers[0].node].gram.matrix, gram)
+    np.testing.assert_array_equal(again.layers[layers[0]].gram.matrix, gram)
 
 
 def test_nan_inside_the_model_is_reported(tmp_path):
@@ -196,7 +196,7 @@ def test_external_data_model_calibrates(tmp_path):
     feeds = [{"x": rng.standard_normal((4, 4, 11, 10)).astype(np.float32), "t": rng.standard_normal((4, 5, 8)).astype(np.float32)}]
     dataset = open_calibration(feeds, input_specs(reloaded), {}, CalibOptions())
     stats = collect(reloaded, dataset, find_weight_layers(reloaded.graph))
-    assert {node.name for node in stats.layers} == {"conv", "matmul"}
+    assert {layer.node.name for layer in stats.layers} == {"conv", "matmul"}
     assert all(record.samples == 4 for record in stats.layers.values())
 
 

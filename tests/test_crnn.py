@@ -33,7 +33,9 @@ def test_crnn_reads_strings_after_compression(tmp_path, bits, args, max_drop, ma
     assert invoke("compress", CRNN, "--bits", bits, *args, "-o", out, "--report-json", report, "-q").exit_code == 0
     rows = json.loads(report.read_text())["layers"]
     lstm = [r for r in rows if r["op"] == "LSTM"]
-    assert len(lstm) == 2 and all(r["bits"] == bits for r in lstm)  # W and R
+    assert [r["name"] for r in lstm] == ["/lstm/LSTM:W", "/lstm/LSTM:R"] and all(r["bits"] == bits for r in lstm)
+    if "--calib" in args:  # W sees the input sequence, R the hidden states: both measured, both rounded by OPTQ
+        assert all(r["output_error"] is not None and "no input statistics" not in r["note"] for r in lstm)
     stored = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     codes = [a for name, a in stored.items() if name.startswith(lstm[0]["weight"]) and name.endswith("_q")]
     assert codes and codes[0].dtype.itemsize == 1 and codes[0].shape == tuple(lstm[0]["shape"])

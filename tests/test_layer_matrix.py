@@ -137,3 +137,45 @@ def test_sampled_gram_estimates_the_full_one():
     sampled = input_rows(layer, x, positions=1024, rng=np.random.default_rng(0))[0].astype(np.float64)
     h_full, h_sampled = full.T @ full / len(full), sampled.T @ sampled / len(sampled)
     assert np.linalg.norm(h_sampled - h_full) / np.linalg.norm(h_full) < 0.1
+
+
+def _rnn(direction: str, layout: int, w: np.ndarray, r: np.ndarray, x_shape) -> onnx.ModelProto:
+    hidden = r.shape[-1]
+    node = helper.make_node("RNN", ["x", "W", "R"], ["y"], hidden_size=hidden, direction=direction, layout=layout)
+    graph = helper.make_graph(
+        [node], "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(r, "R")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
+
+
+@pytest.mark.parametrize("direction, layout", [("forward", 0), ("reverse", 0), ("bidirectional", 0), ("bidirectional", 1)])
+def test_recurrent_rows_give_each_step_its_preactivation(direction, layout):
+    """An RNN's hidden state is tanh(x_t Wᵀ + h_prev Rᵀ): the rows of W (the input sequence)
+    and of R (the states of the step before, in the direction's own order) must line up step
+    by step with onnxruntime's Y, for every direction and layout (onnxruntime runs layout 0
+    only; the batch-first case reads the same run transposed)."""
+    rng = np.random.default_rng(5)
+    steps, batch, inputs, hidden = 6, 3, 5, 4
+    directions = 2 if direction == "bidirectional" else 1
+    w = (rng.normal(size=(directions, hidden, inputs)) * 0.4).astype(np.float32)
+    r = (rng.normal(size=(directions, hidden, hidden)) * 0.4).astype(np.float32)
+    x = rng.normal(size=(steps, batch, inputs)).astype(np.float32)
+    proto = _rnn(direction, 0, w, r, x.shape)
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    states = y.transpose(1, 0, 2, 3)  # (D, T, N, hidden)
+    if layout:  # (N, T, inputs) in, (N, T, D, hidden) out
+        x, y = x.transpose(1, 0, 2), y.transpose(2, 0, 1, 3)
+        proto = _rnn(direction, 1, w, r, x.shape)
+    w_layer, r_layer = find_weight_layers(ir.from_proto(proto).graph)
+    assert w_layer.groups == r_layer.groups == directions
+    from_x = np.einsum("gnr,gro->gno", input_rows(w_layer, x), weight_matrix(w_layer, w))  # (D, T·N, hidden)
+    from_h = np.einsum("gnr,gro->gno", input_rows(r_layer, y), weight_matrix(r_layer, r))  # (D, (T−1)·N, hidden)
+    if layout:  # the input rows follow X's own order, (N, T)
+        from_x = from_x.reshape(directions, batch, steps, hidden).transpose(0, 2, 1, 3)
+    from_x = from_x.reshape(directions, steps, batch, hidden)
+    from_h = from_h.reshape(directions, steps - 1, batch, hidden)
+    for d in range(directions):
+        backward = direction == "reverse" or d == 1
+        later = slice(0, steps - 1) if backward else slice(1, steps)  # every step but the first one run
+        np.testing.assert_allclose(np.tanh(from_x[d, later] + from_h[d]), states[d, later], atol=1e-5)

@@ -7,8 +7,11 @@ import json
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
+
+from onnxcomp.stored_weights import stored_weights
 
 import graphs
 from conftest import MODELS, op_count, outputs
@@ -202,6 +205,75 @@ def test_recurrent_weights_are_quantized_per_gate_unit_and_direction(tmp_path, o
     x = {"x": rng.normal(size=(7, 3, inputs)).astype(np.float32)}
     ref, got = outputs(source, x)["y"], outputs(out, x)["y"]
     assert np.linalg.norm(ref - got) < tolerance * np.linalg.norm(ref)  # relative L2 error
+
+
+def _bidirectional(op: str, gates: int, rng, inputs: int = 12, hidden: int = 16, **attrs) -> onnx.ModelProto:
+    weights = {"W": (rng.normal(size=(2, gates * hidden, inputs)) * 0.3).astype(np.float32),
+               "R": (rng.normal(size=(2, gates * hidden, hidden)) * 0.3).astype(np.float32),
+               "B": (rng.normal(size=(2, 2 * gates * hidden)) * 0.1).astype(np.float32)}
+    node = onnx.helper.make_node(op, ["x", "W", "R", "B"], ["y"], hidden_size=hidden, direction="bidirectional",
+                                 name="rnn", **attrs)
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["T", "N", inputs])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["T", 2, "N", hidden])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 14)], ir_version=8)
+
+
+@pytest.mark.parametrize("op, gates, attrs, with_r", [("LSTM", 4, {}, True), ("GRU", 3, {"linear_before_reset": 1}, True),
+                                                      ("GRU", 3, {}, False), ("RNN", 1, {}, True)])
+def test_recurrent_weights_get_statistics_for_optq_magr_and_bias_correction(tmp_path, op, gates, attrs, with_r):
+    """W sees the input sequence, R the hidden states (GRU's R only with linear_before_reset:
+    otherwise it multiplies r⊙h, which the node does not output)."""
+    rng = np.random.default_rng(1)
+    source = _save(_bidirectional(op, gates, rng, **attrs), tmp_path / "rnn.onnx")
+    calib = tmp_path / "calib.npz"
+    # Correlated features (as real inputs are) give OPTQ something to balance; the first
+    # axis is time: 4 runs of 9 steps.
+    x = rng.normal(size=(36, 16, 4)) @ rng.normal(size=(4, 12)) + 0.1 * rng.normal(size=(36, 16, 12))
+    np.savez(calib, x=x.astype(np.float32))
+    rows = {}
+    for name, args in (("rtn", []), ("optq", ["--rounding", "optq"]), ("magr", ["--magr"])):
+        report = tmp_path / f"{name}.json"
+        result = invoke("compress", source, "--bits", 3, *args, "--calib", calib, "--calib-batch", 9,
+                        "-o", tmp_path / f"{name}.onnx", "--report-json", report, "-q")
+        assert result.exit_code == 0, result.output
+        rows[name] = json.loads(report.read_text())
+    names = [r["name"] for r in rows["rtn"]["layers"]]
+    assert names == ["rnn:W", "rnn:R"]
+    measured = names if with_r else names[:1]
+    for row in rows["rtn"]["layers"]:
+        assert (row["output_error"] is not None) == (row["name"] in measured)
+    for rtn, optq in zip(rows["rtn"]["layers"], rows["optq"]["layers"]):
+        if rtn["name"] in measured:
+            assert optq["output_error"] < 0.8 * rtn["output_error"], (rtn["name"], optq["output_error"], rtn["output_error"])
+        else:
+            assert "no input statistics" in optq["note"]
+    assert [m["name"] for m in rows["magr"]["magr"]] == measured
+    assert all(m["max_after"] < m["max_before"] for m in rows["magr"]["magr"])
+
+
+def test_recurrent_bias_correction_cancels_the_mean_shift_of_each_half(tmp_path):
+    """W's mean output shift goes to Wb, R's to Rb (B is [directions, Wb | Rb])."""
+    rng = np.random.default_rng(2)
+    source = _save(_bidirectional("RNN", 1, rng), tmp_path / "rnn.onnx")
+    x = rng.normal(loc=0.5, size=(36, 16, 12)).astype(np.float32)  # an offset mean makes the shift visible
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=x)  # the first axis is time: 4 runs of 9 steps
+    out = tmp_path / "q.onnx"
+    result = invoke("compress", source, "--bits", 3, "--bias-correction", "--calib", calib, "--calib-batch", 9,
+                    "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    before = {t.name: numpy_helper.to_array(t) for t in onnx.load(source).graph.initializer}
+    model = ir.load(out)
+    w_hat = [s.weight for s in stored_weights(model.graph) if s.name.startswith("W_")][0]
+    b_hat = model.graph.initializers["B"].const_value.numpy()
+    mean_x = x.reshape(-1, 12).astype(np.float64).mean(axis=0)
+    for d in range(2):  # E[x]·Ŵᵀ + Ŵb equals E[x]·Wᵀ + Wb
+        np.testing.assert_allclose(mean_x @ w_hat[d].T + b_hat[d, :16], mean_x @ before["W"][d].T + before["B"][d, :16],
+                                   atol=1e-4)
+    assert np.abs(b_hat - before["B"]).max() > 1e-3  # something was corrected
+    assert np.abs(b_hat[:, 16:] - before["B"][:, 16:]).max() > 1e-3  # R's half too
 
 
 def test_act_bits_with_calibration_images_of_three_widths(tmp_path):

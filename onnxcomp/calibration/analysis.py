@@ -80,7 +80,7 @@ class Calibration:
     ) -> Statistics:
         """Gram matrices of `layers` and ranges of `values`, computed only where not cached."""
         layers, values = list(layers), list(values)
-        missing_layers = [l for l in layers if l.node not in self._cache.layers and l.node not in self._cache.skipped]
+        missing_layers = [l for l in layers if l not in self._cache.layers and l not in self._cache.skipped]
         missing_values = [v for v in values if v not in self._cache.activations]
         if missing_layers or missing_values:
             fresh = collect(

@@ -30,16 +30,26 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 
 @dataclass
 class Statistics:
-    """Keyed by graph objects: layers by their node, activations by their value."""
+    """Keyed by graph objects: layers by their view (a recurrent node holds two), activations
+    by their value."""
 
-    layers: dict[ir.Node, LayerStatistics] = field(default_factory=dict)
+    layers: dict[WeightLayer, LayerStatistics] = field(default_factory=dict)
     activations: dict[ir.Value, ActivationStatistics] = field(default_factory=dict)
-    skipped: dict[ir.Node, str] = field(default_factory=dict)  # layer → why it has no statistics
+    skipped: dict[WeightLayer, str] = field(default_factory=dict)  # layer → why it has no statistics
 
 
 def _gram_shape(layer: WeightLayer) -> tuple[int, int]:
     """(groups, reduction length) of the layer's rows."""
     return layer.groups, reduction_depth(layer)
+
+
+def no_rows_reason(layer: WeightLayer) -> str:
+    """Why a layer without `rows_source` has no input statistics."""
+    if not layer.recurrent:
+        return "an embedding lookup multiplies no input"
+    if layer.node.op_type == "GRU":
+        return "GRU's R multiplies r⊙h (linear_before_reset = 0), not the hidden states"
+    return "its hidden states (output Y) are not an output of the node"
 
 
 def same_rows(a: WeightLayer, b: WeightLayer) -> bool:
@@ -143,8 +153,8 @@ def row_chunks(
     convolution's expanded rows stay within _ROWS_CHUNK_ELEMENTS."""
     per_sample = max(1, x[:1].size * math.prod(layer.weight.shape[2:] or (1,)))
     step = max(1, _ROWS_CHUNK_ELEMENTS // per_sample)
-    if layer.node.op_type in ("MatMul", "Gemm"):
-        step = x.shape[0]  # already rows: no expansion
+    if layer.node.op_type in ("MatMul", "Gemm") or layer.recurrent:
+        step = x.shape[0]  # already rows (a sequence's steps are read in order): no expansion
     for start in range(0, x.shape[0], step):
         yield input_rows(layer, x[start : start + step], positions, rng)
 
@@ -168,15 +178,16 @@ def collect(
     stats = Statistics()
     by_value: dict[ir.Value, list[WeightLayer]] = {}
     for layer in layers:
-        if layer.data is None:
-            stats.skipped[layer.node] = "an embedding lookup multiplies no input"
+        source = layer.rows_source
+        if source is None:
+            stats.skipped[layer] = no_rows_reason(layer)
             continue
-        if not fetchable(layer.data, graph):
-            stats.skipped[layer.node] = "its input is inside a subgraph or not a float tensor"
+        if not fetchable(source, graph):
+            stats.skipped[layer] = "its input is inside a subgraph or not a float tensor"
             continue
-        siblings = by_value.setdefault(layer.data, [])
-        shared = next((stats.layers[s.node].gram for s in siblings if same_rows(s, layer)), None)
-        stats.layers[layer.node] = LayerStatistics(shared or Gram.empty(*_gram_shape(layer)))
+        siblings = by_value.setdefault(source, [])
+        shared = next((stats.layers[s].gram for s in siblings if same_rows(s, layer)), None)
+        stats.layers[layer] = LayerStatistics(shared or Gram.empty(*_gram_shape(layer)))
         siblings.append(layer)
     for value in values:
         if fetchable(value, graph):
@@ -232,7 +243,7 @@ def _update(
         stats.activations[value].add(x)
     done: set[int] = set()  # Grams shared by several layers are accumulated once
     for layer in layers:
-        record = stats.layers.get(layer.node)
+        record = stats.layers.get(layer)
         if record is None:
             continue
         if id(record.gram) not in done:
@@ -240,8 +251,8 @@ def _update(
                 for rows in row_chunks(layer, x, calibration.positions, calibration.position_rng(batch_number)):
                     record.gram.add(rows)
             except UnsupportedLayer as err:
-                stats.skipped[layer.node] = f"no statistics: {err} is not supported"
-                del stats.layers[layer.node]
+                stats.skipped[layer] = f"no statistics: {err} is not supported"
+                del stats.layers[layer]
                 continue
             done.add(id(record.gram))
         record.samples += samples

@@ -53,28 +53,29 @@ class SequentialStatistics:
         graph = model.graph
         self.readers: dict[ir.Value, list[WeightLayer]] = {}
         for layer in layers:
-            if layer.data is not None and fetchable(layer.data, graph):
-                self.readers.setdefault(layer.data, []).append(layer)
+            if layer.rows_source is not None and fetchable(layer.rows_source, graph):
+                self.readers.setdefault(layer.rows_source, []).append(layer)
         TopologicalSortPass()(model)  # earlier passes may leave appended nodes to a final sort; cloning needs order
         self.reference = model.clone()  # shares the weights' tensors, which quantizing replaces, not edits
-        self.measured: dict[ir.Node, PairedGram] = {}  # measured, not yet handed over
+        self.measured: dict[WeightLayer, PairedGram] = {}  # measured, not yet handed over
         self.done: set[ir.Value] = set()
 
     def __call__(self, model: ir.Model, layer: WeightLayer) -> PairedGram | None:
         """The layer's paired statistics, handed over (not kept: ask once per layer); None
         where its input cannot be fetched or written as rows."""
-        if layer.data in self.readers and layer.data not in self.done:
-            self._measure(model, layer.data)
-            self.done.add(layer.data)
-        return self.measured.pop(layer.node, None)
+        source = layer.rows_source
+        if source in self.readers and source not in self.done:
+            self._measure(model, source)
+            self.done.add(source)
+        return self.measured.pop(layer, None)
 
     def _measure(self, model: ir.Model, value: ir.Value) -> None:
         readers: list[WeightLayer] = []
         for layer in self.readers[value]:
-            shared = next((self.measured[r.node] for r in readers if same_rows(r, layer)), None)
-            self.measured[layer.node] = shared or PairedGram(layer.groups, reduction_depth(layer))
+            shared = next((self.measured[r] for r in readers if same_rows(r, layer)), None)
+            self.measured[layer] = shared or PairedGram(layer.groups, reduction_depth(layer))
             readers.append(layer)
-        unique = list({id(self.measured[r.node]): r for r in readers}.values())
+        unique = list({id(self.measured[r]): r for r in readers}.values())
         synthetic = self.calibration.synthetic
         current = FetchSession(model, [value], self.device, prefix=True, synthetic=synthetic)
         reference = FetchSession(self.reference, [value], self.device, prefix=True, synthetic=synthetic)  # found by name
@@ -94,12 +95,12 @@ class SequentialStatistics:
                         pairs = zip(row_chunks(layer, x, draw, self.calibration.position_rng(number)),
                                     row_chunks(layer, x_reference, draw, self.calibration.position_rng(number)))
                         for rows, reference_rows in pairs:
-                            self.measured[layer.node].add(rows, reference_rows)
+                            self.measured[layer].add(rows, reference_rows)
                     except UnsupportedLayer:  # its attributes cannot be written as rows
                         unique.remove(layer)
-                        failed = self.measured[layer.node]
+                        failed = self.measured[layer]
                         for reader in readers:
-                            if self.measured.get(reader.node) is failed:
-                                del self.measured[reader.node]
+                            if self.measured.get(reader) is failed:
+                                del self.measured[reader]
                 bar.update(len(next(iter(feeds.values()))))
 

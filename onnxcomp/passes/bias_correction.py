@@ -36,6 +36,8 @@ def _bias_value(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, chann
     """The constant the shift is subtracted from, and the factor it enters the output with;
     a zero bias is added to a Conv or Gemm that has none. None where there is no place."""
     node = layer.node
+    if layer.recurrent:  # B is [directions, Wb and Rb]: the shift goes to W's half or R's
+        return _recurrent_bias(graph, names, layer, channels), 1.0
     if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
         scale = _attr_float(node, "alpha") / _attr_float(node, "beta") if node.op_type == "Gemm" else 1.0
         if len(node.inputs) > 2 and node.inputs[2] is not None:
@@ -58,6 +60,20 @@ def _bias_value(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, chann
     return None, 0.0
 
 
+def _recurrent_bias(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, channels: int) -> ir.Value | None:
+    node = layer.node
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        bias = node.inputs[3]
+        ok = bias.const_value is not None and bias.is_initializer() and len(list(bias.uses())) == 1
+        return bias if ok and bias.const_value.numpy().size == 2 * channels else None
+    dtype = layer.weight.const_value.numpy().dtype if layer.weight.const_value is not None else np.float32
+    bias = add_initializer(graph, names, (node.name or layer.weight.name) + "_B",
+                           np.zeros((layer.groups, 2 * channels // layer.groups), dtype=dtype))
+    node.resize_inputs(max(4, len(node.inputs)))
+    node.replace_input_with(3, bias)
+    return bias
+
+
 def correct_bias(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, mean_row: np.ndarray,
                  w: np.ndarray, w_hat: np.ndarray, reference_mean: np.ndarray | None = None) -> float | None:
     """Subtract the layer's mean output shift from its bias; return the largest |shift|
@@ -67,5 +83,12 @@ def correct_bias(graph: ir.Graph, names: NameAllocator, layer: WeightLayer, mean
     if bias is None:
         return None
     b = bias.const_value.numpy()
-    bias.const_value = ir.Tensor((b.astype(np.float64) - scale * shift).astype(b.dtype), name=bias.name)
+    corrected = b.astype(np.float64)
+    if layer.recurrent:
+        half = corrected.shape[1] // 2
+        part = slice(0, half) if layer.index == 1 else slice(half, None)
+        corrected[:, part] -= shift.reshape(corrected.shape[0], half)
+    else:
+        corrected -= scale * shift
+    bias.const_value = ir.Tensor(corrected.astype(b.dtype), name=bias.name)
     return float(np.abs(shift).max()) if shift.size else 0.0

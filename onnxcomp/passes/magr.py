@@ -61,7 +61,7 @@ class MagrPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         layers = [
             l for l in find_weight_layers(model.graph)
-            if l.data is not None and skip_reason(l, self.config) is None and not shared(l)  # one input's statistics
+            if l.node.op_type != "Gather" and skip_reason(l, self.config) is None and not shared(l)  # one input's statistics
         ]
         if not layers:
             return ir.passes.PassResult(model, modified=False)
@@ -69,16 +69,16 @@ class MagrPass(ir.passes.InPlacePass):
         # Layers reading the same input (attention's Q, K, V) share one Gram matrix: one solve.
         batches: dict[tuple, list[WeightLayer]] = {}
         for layer in layers:
-            record = stats.layers.get(layer.node)
+            record = stats.layers.get(layer)
             if record is None:
-                reason = stats.skipped.get(layer.node, "no calibration statistics")
+                reason = stats.skipped.get(layer, "no calibration statistics")
                 self.report.note("magr", layer.name, f"left as it is: {reason}")
                 continue
             _, block_size, _, _ = layout(layer, self.config)
             batches.setdefault((id(record.gram), block_size, layer.node.op_type), []).append(layer)
         modified = False
         for batch in stage(list(batches.values()), desc="magr", unit="solve", enabled=self.progress):
-            gram = stats.layers[batch[0].node].gram
+            gram = stats.layers[batch[0]].gram
             modified |= self._reduce(batch, gram.matrix, gram.rows)
         if modified:
             self.calibration.mark_stale()
@@ -90,12 +90,12 @@ class MagrPass(ir.passes.InPlacePass):
         matrices = [weight_matrix(layer, w) for layer, w in zip(layers, weights)]
         widths = np.cumsum([m.shape[2] for m in matrices])[:-1]
         matrix = np.concatenate(matrices, axis=2)
-        _, block_size, _, _ = layout(layers[0], self.config)
+        _, block_size, granularity, _ = layout(layers[0], self.config)
         order, block = _block_rows(layers[0], block_size, matrix.shape[1])
         ordered_gram = gram if order is None else gram[:, order][:, :, order]
         if order is not None:
             matrix = matrix[:, order]
-        result = magr(matrix, ordered_gram, magr_alpha(self.config, block_size is not None), self.config.magr_iters, block,
+        result = magr(matrix, ordered_gram, magr_alpha(self.config, granularity.startswith("block")), self.config.magr_iters, block,
                       device=self.device, min_eigenvalue=DEAD_INPUT * max(rows, 1))
         names = ", ".join(layer.name for layer in layers)
         if result.dead.any():

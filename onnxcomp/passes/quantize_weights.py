@@ -218,8 +218,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             measure = SequentialStatistics(model, dataset, alone, calibration.device, calibration.progress)
         elif self.calibration is not None and (real_data or needs):
             purpose = needs[0] if needs else "the output error of each layer"
-            stats = self.calibration.statistics(model, purpose, layers=[l for l in alone if l.data is not None])
-            grams = {node: record.gram for node, record in stats.layers.items()}
+            stats = self.calibration.statistics(model, purpose, layers=[l for l in alone if l.rows_source is not None])
+            grams = {layer: record.gram for layer, record in stats.layers.items()}
         names = NameAllocator(graph)
         edge = {id(layers[0]), id(layers[-1])} if layers and self.config.keep_first_last_bits else set()
         bar = stage(total=len(layers), desc="quantize", unit="layer", enabled=self.progress and len(layers) >= 8)
@@ -235,7 +235,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     self._round_together(graph, names, window, bar)
                     window, held = [], 0
                 paired = measure(model, layer)
-            planned = self._plan(layer, bits, paired.current if paired else grams.get(layer.node), paired)
+            planned = self._plan(layer, bits, paired.current if paired else grams.get(layer), paired)
             self.report.layers.append(planned.record)  # filled in as the layer is replaced
             if self._needs_optq(planned) and planned.gram is not None:
                 planned.w_hat = None  # OPTQ's codes replace round-to-nearest's
@@ -263,7 +263,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _needs_optq(self, planned: _Planned) -> bool:
         # An embedding table has no inputs to balance.
-        return self.config.rounding == "optq" and planned.qt is not None and planned.layer.data is not None
+        return self.config.rounding == "optq" and planned.qt is not None and planned.layer.node.op_type != "Gather"
 
     def _plan(self, layer: WeightLayer, bits: int, gram: Gram | None, paired: PairedGram | None = None) -> _Planned:
         """The record, and round-to-nearest (or the range search's) codes under the chosen
@@ -285,8 +285,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             record.note = reason
             return planned
         axis, block_size, record.granularity, planned.note = layout(layer, self.config, bits)
-        if layer.recurrent and (self.config.rounding == "optq" or self.config.magr):
-            planned.note = _joined(planned.note, "recurrent weights are rounded to nearest (no OPTQ or MagR statistics)")
         float_zero = self.config.zero_point == "float" and matmul_nbits.usable(layer, block_size, bits, real_zero=True)
         if self.config.zero_point == "float" and not float_zero:
             planned.note = _joined(planned.note, "integer zero point: real ones need a blockwise MatMul at 2-4 bits")

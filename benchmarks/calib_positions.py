@@ -75,7 +75,7 @@ def statistics(model_path: Path, calib: Path, cap: int, batch: int):
     start = time.perf_counter()
     stats = collect(model, dataset, layers)
     seconds = time.perf_counter() - start
-    grams = {layer.node.name: stats.layers[layer].gram for layer in layers if layer in stats.layers}
+    grams = {layer.name: stats.layers[layer].gram for layer in layers if layer in stats.layers}
     return seconds, {name: g.matrix / max(g.rows, 1) for name, g in grams.items()}
 
 

@@ -35,3 +35,7 @@ class CalibrationError(OnnxcompError):
 
 class RuntimeFailure(OnnxcompError):
     """onnxruntime refused to load or run a model."""
+
+
+class MissingDependencyError(OnnxcompError):
+    """A package onnxcomp needs for this work is not installed; the message names the extra."""

@@ -84,18 +84,17 @@ def compress_model(
 def record_provenance(model: ir.Model, report: Report, config: QuantConfig, calibration: Calibration) -> None:
     """How the file was made, in the report and in the model's metadata_props: the options
     (every field, as `onnxcomp compress --config` takes them), the versions, the data."""
-    import onnxruntime
-
     from onnxcomp import __version__
+    from onnxcomp.runtime import ort
 
     report.options = config.as_dict()
-    report.versions = {"onnxcomp": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
+    report.versions = {"onnxcomp": __version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__}
     source = calibration.label or ("refused (--calib none)" if calibration.data == NO_DATA else "not given")
     model.metadata_props.update({
         "onnxcomp.version": __version__,
         "onnxcomp.options": json.dumps(report.options, sort_keys=True, separators=(",", ":")),
         "onnxcomp.calibration": source,
-        "onnxcomp.onnxruntime": onnxruntime.__version__,
+        "onnxcomp.onnxruntime": ort.__version__,
     })
 
 

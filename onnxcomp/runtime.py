@@ -7,10 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from onnxcomp.errors import ConfigError, RuntimeFailure
+from onnxcomp.errors import ConfigError, MissingDependencyError, RuntimeFailure
+
+try:  # the one place onnxruntime is imported: either wheel (onnxruntime, onnxruntime-gpu) provides it
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+except ImportError as err:
+    raise MissingDependencyError(
+        "onnxruntime is not installed; pip install 'onnxcomp[cpu]', or 'onnxcomp[gpu]' for onnxruntime-gpu "
+        "(the two wheels cannot be installed side by side)") from err
 
 
 def session_options(accuracy_level: int | None = None) -> ort.SessionOptions:

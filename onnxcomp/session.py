@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnxcomp.container.format import MAGIC, ContainerError, read_toc, unpack_files
-from onnxcomp.runtime import providers_for, session_options
+from onnxcomp.runtime import ort, providers_for, session_options
 
 
 # In-memory decoding holds the decoded files: a container that declares more than this many

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -89,3 +91,27 @@ def test_readme_from_python_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize("entry", ["cli", "api"])
+def test_without_onnxruntime_the_error_names_the_extra_to_install(tmp_path, entry):
+    """onnxruntime comes from one of two wheels (onnxcomp[cpu] or [gpu]); without either, one line says which."""
+    call = {
+        "cli": "from onnxcomp.cli import main; sys.argv = ['onnxcomp', 'compress', model, '-o', out]; main()",
+        "api": "import onnxcomp\ntry:\n    onnxcomp.compress(model, out)\nexcept onnxcomp.OnnxcompError as err:\n"
+               "    print('onnxcomp: error:', err); sys.exit(2)",
+    }[entry]
+    script = f"import sys\nsys.modules['onnxruntime'] = None  # as if no onnxruntime wheel were installed\n" \
+             f"model, out = {str(DIGITS)!r}, {str(tmp_path / 'q.onnx')!r}\n{call}\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+    assert lines[0].startswith("onnxcomp: error: onnxruntime is not installed") and "onnxcomp[cpu]" in lines[0]
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_readme_shows_no_image_by_a_relative_path():
+    """The README is the package's long description: on the package index a relative image path breaks."""
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)|<img[^>]+src=\"([^\"]+)\"", (ROOT / "README.md").read_text())
+    relative = [a or b for a, b in images if not (a or b).startswith("https://")]
+    assert not relative, relative

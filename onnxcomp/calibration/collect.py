@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxcomp.progress import stage
 
@@ -21,7 +20,7 @@ from onnxcomp.calibration.statistics import ActivationStatistics, Gram, LayerSta
 from onnxcomp.errors import CalibrationError, RuntimeFailure
 from onnxcomp.layer_matrix import UnsupportedLayer, input_rows
 from onnxcomp.layers import WeightLayer, attr_int, reduction_depth
-from onnxcomp.runtime import ORT_ERRORS, first_line, providers_for
+from onnxcomp.runtime import ORT_ERRORS, first_line, ort, providers_for
 
 # Input rows expanded at once (im2col multiplies a convolution's input by its kernel size).
 _ROWS_CHUNK_ELEMENTS = 1 << 24

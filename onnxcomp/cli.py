@@ -398,6 +398,58 @@ def calib_info(model, calib, calib_samples, calib_batch, calib_positions, image_
         click.echo(summary_table(dataset, summaries))
 
 
+SENSITIVITY_EXAMPLES = (
+    "onnxcomp sensitivity model.onnx --calib calib.npz",
+    "onnxcomp sensitivity model.onnx --calib calib.npz --bits 2,4 --granularity block --json s.json --plot s.png",
+)
+
+
+@main.command(examples=SENSITIVITY_EXAMPLES, cls=SectionedCommand, sections={})
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--bits", "bits_list", default="2,3,4,8", help="Bit widths to measure each layer at, comma-separated.")
+@click.option("--granularity", type=click.Choice([g.value for g in Granularity]), default="auto",
+              help="The grid's scale layout, as in compress.")
+@click.option("--block-size", type=int, default=32, help="Elements per block, as in compress.")
+@click.option("--asymmetric", is_flag=True, default=False, help="Unsigned codes with a zero point, as in compress.")
+@click.option("--exclude", default=None, help="Regular expression on node names: layers left out of the table.")
+@_calibration_options
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="onnxruntime execution provider.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the table as JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the table as a PNG here (needs matplotlib).")
+@click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
+@_one_line_errors
+def sensitivity(model, bits_list, granularity, block_size, asymmetric, exclude, device, json_path, plot_path, quiet, **calib):
+    """For every layer of MODEL and each bit width: the end-to-end effect on the outputs of
+    quantizing that layer alone (round to nearest; 1 − cosine to FP32, KL for outputs named
+    *logits*), beside the layer-wise estimate tr(ΔWᵀHΔW)/tr(WᵀHW). On --calib data (synthetic
+    inputs with a warning without it); --calib-samples defaults to 32 here."""
+    from onnxcomp.calibration.analysis import Calibration
+    from onnxcomp.modelio import check_outputs, load_model, write_text_atomic
+    from onnxcomp.sensitivity import measure_sensitivity, plot
+
+    try:
+        bits = tuple(sorted({int(b) for b in bits_list.split(",")}))
+    except ValueError:
+        raise ConfigError(f"--bits {bits_list!r} is not a comma-separated list of bit widths (2, 3, 4, 8)") from None
+    if not bits or not set(bits) <= {2, 3, 4, 8}:
+        raise ConfigError(f"--bits {bits_list!r}: each bit width must be 2, 3, 4 or 8")
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("calib_samples") is click.core.ParameterSource.DEFAULT:
+        calib["calib_samples"] = 32  # one run per layer and bit width: a smaller default than compress's
+    config = QuantConfig(bits=min(bits), granularity=granularity, block_size=block_size, asymmetric=asymmetric, exclude=exclude)
+    check_outputs(model, json_path, plot_path)
+    warnings.showwarning = _show_warnings
+    calibration = Calibration(calib.pop("calib"), _calib_options(**calib), device=device, progress=not quiet)
+    table = measure_sensitivity(load_model(model), config, calibration, bits, progress=not quiet)
+    if json_path:
+        write_text_atomic(json_path, json.dumps(table.to_dict(), indent=2))
+    if plot_path:
+        plot(table, plot_path)
+    if not quiet:
+        click.echo(table.to_table())
+
+
 @main.command()
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))

@@ -71,8 +71,13 @@ def _with_free_dims(path: str | os.PathLike) -> bytes | None:
     return proto.SerializeToString() if unset else None
 
 
-def make_session(path: str | os.PathLike, accuracy_level: int | None = None, device: str = "cpu") -> ort.InferenceSession:
+def make_session(path: str | os.PathLike, accuracy_level: int | None = None, device: str = "cpu",
+                 quiet: bool = False) -> ort.InferenceSession:
+    """A session on the file; `quiet` keeps onnxruntime's warnings (about a graph onnxcomp
+    made for its own use) off the user's terminal."""
     options = session_options(accuracy_level)
+    if quiet:
+        options.log_severity_level = 3
     try:
         patched = _with_free_dims(path)
         if patched is not None:  # external data stays where the file's folder says

@@ -164,7 +164,7 @@ class _Planned:
     output_error: float | None = None
 
 
-def _one_per_weight(layers: list[WeightLayer]) -> list[WeightLayer]:
+def one_per_weight(layers: list[WeightLayer]) -> list[WeightLayer]:
     """The first layer reading each weight: a weight several layers share is quantized once."""
     seen: set[ir.Value] = set()
     return [layer for layer in layers if not (layer.weight in seen or seen.add(layer.weight))]
@@ -193,7 +193,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        layers = _one_per_weight(find_weight_layers(graph))
+        layers = one_per_weight(find_weight_layers(graph))
         computed = computed_weight_sources(graph)
         if computed:
             sources = ", ".join(f"{count} from {source}" for source, count in sorted(computed.items()))

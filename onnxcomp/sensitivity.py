@@ -1,0 +1,196 @@
+"""Sensitivity: what quantizing one layer alone does to the model's outputs, for every layer
+and bit width, beside the layer-wise estimate tr(ΔWᵀHΔW)/tr(WᵀHW) the passes optimize.
+
+The layer-wise estimate does not see how an error travels to the outputs; this measures it.
+Every layer's weight becomes an input of one onnxruntime session that keeps its float value
+as the default, so each (layer, bits) point is one run over the calibration batches with
+that one weight fed as its round-to-nearest decoded value: one session for the whole table,
+nothing recompiled per point.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from onnxcomp.calibration.analysis import Calibration
+from onnxcomp.config import QuantConfig
+from onnxcomp.fidelity import mean_cosine
+from onnxcomp.kernels.quantize import dequantize, grid_for, quantize
+from onnxcomp.layer_matrix import relative_output_error
+from onnxcomp.layers import WeightLayer, find_weight_layers, shared
+from onnxcomp.passes.fold_bn import FoldBatchNormPass
+from onnxcomp.passes.normalize import NormalizePass, default_opset
+from onnxcomp.passes.quantize_weights import layout, one_per_weight, skip_reason
+from onnxcomp.progress import stage
+from onnxcomp.report import Report, format_table
+from onnxcomp.runtime import make_session, run
+
+
+@dataclass(frozen=True)
+class Point:
+    """One layer quantized alone at one bit width."""
+
+    bits: int
+    cosine: float  # the lowest mean output cosine to FP32 over the float outputs
+    kl: float | None  # mean KL(FP32 ‖ quantized) of the softmax over the last axis, for outputs named *logits*
+    estimate: float | None  # tr(ΔWᵀHΔW)/tr(WᵀHW) on the calibration data; None without input statistics
+
+
+@dataclass
+class LayerSensitivity:
+    name: str
+    op: str
+    weights: int
+    granularity: dict[int, str] = field(default_factory=dict)  # bits → the layout the point used
+    points: list[Point] = field(default_factory=list)
+
+
+@dataclass
+class SensitivityTable:
+    layers: list[LayerSensitivity]
+    bits: tuple[int, ...]
+    samples: int
+    source: str  # where the calibration samples came from
+
+    def to_dict(self) -> dict:
+        return {"bits": list(self.bits), "samples": self.samples, "calibration": self.source,
+                "layers": [asdict(layer) for layer in self.layers]}
+
+    def to_table(self) -> str:
+        """One row per layer: 1 − cosine at each bit width (the end-to-end loss) and the estimate."""
+        header = ["layer", "op", "weights"]
+        for bits in self.bits:
+            header += [f"{bits}b 1-cos", f"{bits}b KL", f"{bits}b est."]
+        rows = []
+        for layer in self.layers:
+            row = [layer.name, layer.op, f"{layer.weights:,}"]
+            by_bits = {p.bits: p for p in layer.points}
+            for bits in self.bits:
+                p = by_bits.get(bits)
+                row += ["-", "-", "-"] if p is None else [
+                    f"{1 - p.cosine:.2e}", "-" if p.kl is None else f"{p.kl:.2e}", "-" if p.estimate is None else f"{p.estimate:.2e}"]
+            rows.append(row)
+        return format_table([tuple(header), *map(tuple, rows)]) + f"\ncalibration: {self.source}"
+
+
+def _logits(name: str) -> bool:
+    return "logit" in name.lower()
+
+
+def mean_kl(reference: np.ndarray, quantized: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(reference) ‖ softmax(quantized)) along the last axis."""
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        shifted = x - x.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    log_p, log_q = log_softmax(reference), log_softmax(quantized)
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
+
+
+class _OverridableWeights:
+    """One onnxruntime session of `model` in which each layer's weight is an input that
+    defaults to its stored value."""
+
+    def __init__(self, model: ir.Model, layers: list[WeightLayer], device: str):
+        graph = model.graph
+        added = [layer.weight for layer in layers if not layer.weight.is_graph_input()]
+        graph.inputs.extend(added)
+        try:
+            with tempfile.TemporaryDirectory(prefix="onnxcomp-sensitivity-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                ir.save(model, path, external_data="model.onnx.data")
+                self.session = make_session(path, accuracy_level=0, device=device, quiet=True)
+        finally:
+            for value in added:
+                graph.inputs.remove(value)
+
+    def run(self, feeds: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+        return run(self.session, feeds, what)
+
+
+def _point(layer: WeightLayer, w: np.ndarray, bits: int, config: QuantConfig, gram, session, batches, reference) -> tuple[Point, str]:
+    axis, block_size, granularity, _ = layout(layer, config, bits)
+    w_hat = dequantize(quantize(w, grid_for(bits, config.asymmetric), axis=axis, block_size=block_size)).astype(w.dtype)
+    outputs: dict[str, list[np.ndarray]] = {}
+    for feeds in batches:
+        got = session.run({**feeds, layer.weight.name: w_hat}, f"the model with {layer.name} at {bits} bits")
+        for name, value in got.items():
+            outputs.setdefault(name, []).append(value)
+    cosines, kls = [], []
+    for name, parts in outputs.items():
+        expected = reference[name]
+        if expected[0].dtype.kind != "f":
+            continue
+        cosines.append(np.mean([mean_cosine(r, q) for r, q in zip(expected, parts)]))
+        if _logits(name):
+            kls.append(np.mean([mean_kl(r, q) for r, q in zip(expected, parts)]))
+    estimate = None if gram is None else relative_output_error(layer, gram.matrix, w, w_hat)
+    point = Point(bits, float(min(cosines)) if cosines else 1.0, float(max(kls)) if kls else None, estimate)
+    return point, granularity
+
+
+def measure_sensitivity(model: ir.Model, config: QuantConfig, calibration: Calibration, bits: tuple[int, ...],
+                        progress: bool = False) -> SensitivityTable:
+    """Every quantizable layer of `model` (changed in place: normalized, BatchNorms folded, as
+    compress sees it) quantized alone by round-to-nearest under `config`'s grid options, at
+    each of `bits`, measured end to end on the calibration batches."""
+    report = Report()
+    for pass_ in (NormalizePass(default_opset(model), report), FoldBatchNormPass(report), RemoveUnusedNodesPass()):
+        model = pass_(model).model
+    layers = [layer for layer in one_per_weight(find_weight_layers(model.graph))
+              if skip_reason(layer, config) is None and layer.weight.graph is model.graph]
+    dataset = calibration.dataset(model, "sensitivity")
+    batches = list(dataset.batches())
+    measured = [layer for layer in layers if layer.rows_source is not None and not shared(layer)]
+    stats = calibration.statistics(model, "the layer-wise estimate", layers=measured) if measured else None
+    session = _OverridableWeights(model, layers, calibration.device)
+    reference: dict[str, list[np.ndarray]] = {}
+    for feeds in batches:
+        for name, value in session.run(feeds, "the model").items():
+            reference.setdefault(name, []).append(value)
+    table = SensitivityTable([], tuple(bits), sum(len(next(iter(f.values()))) for f in batches), dataset.label)
+    for layer in stage(layers, desc="sensitivity", unit="layer", enabled=progress):
+        w = layer.weight.const_value.numpy()
+        record = stats.layers.get(layer) if stats is not None else None
+        row = LayerSensitivity(layer.name, layer.node.op_type, int(w.size))
+        for b in bits:
+            point, row.granularity[b] = _point(layer, w, b, config, record.gram if record else None, session, batches, reference)
+            row.points.append(point)
+        table.layers.append(row)
+    return table
+
+
+def plot(table: SensitivityTable, path: str | Path) -> None:
+    """1 − cosine per layer (end to end, lines) and the layer-wise estimate (dots), per bit width."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from onnxcomp.errors import MissingDependencyError
+
+        raise MissingDependencyError("--plot needs matplotlib; pip install matplotlib") from None
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.18 * len(table.layers) + 2), 4.5))
+    x = np.arange(len(table.layers))
+    for index, bits in enumerate(table.bits):
+        colour = f"C{index}"
+        points = [next(p for p in layer.points if p.bits == bits) for layer in table.layers]
+        axes.plot(x, [max(1 - p.cosine, 1e-9) for p in points], "-", color=colour, label=f"{bits} bits: 1 − cosine")
+        axes.plot(x, [p.estimate if p.estimate else np.nan for p in points], ".", color=colour,
+                  label=f"{bits} bits: layer-wise estimate")
+    axes.set_yscale("log")
+    axes.set_xlabel("layer (graph order)")
+    axes.set_ylabel("error")
+    axes.set_title(f"Each layer quantized alone ({table.samples} calibration samples)")
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

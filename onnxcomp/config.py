@@ -71,8 +71,18 @@ class QuantConfig:
     # MatMulNBits written with --target onnxruntime compute in float (0) or with int8
     # activations (4); None: see nbits_accuracy
     accuracy_level: int | None = None
+    # Bits chosen per layer (by name) before any graph is touched, as the bit allocator
+    # decides them: (layer, bits) pairs, 0 for a layer kept float; layers not named follow
+    # the options above.
+    bits_plan: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        plan = self.bits_plan.items() if isinstance(self.bits_plan, dict) else self.bits_plan
+        object.__setattr__(self, "bits_plan", tuple(sorted((str(name), int(bits)) for name, bits in plan)))
+        for name, bits in self.bits_plan:
+            if bits != 0 and bits not in SUPPORTED_BITS:
+                raise ConfigError(f"the bit plan gives layer {name!r} {bits} bits; choose 0 (float) or one of "
+                                  f"{', '.join(map(str, SUPPORTED_BITS))}")
         try:
             object.__setattr__(self, "granularity", Granularity(self.granularity))
         except ValueError:
@@ -147,8 +157,9 @@ class QuantConfig:
 
     def as_dict(self) -> dict:
         """Every option by name, values as plain JSON/TOML types."""
-        return {f.name: (v.value if isinstance(v, enum.Enum) else v) for f in dataclasses.fields(self)
-                for v in (getattr(self, f.name),)}
+        plain = {f.name: (v.value if isinstance(v, enum.Enum) else v) for f in dataclasses.fields(self)
+                 for v in (getattr(self, f.name),)}
+        return {**plain, "bits_plan": dict(self.bits_plan)}
 
     def layer_granularity(self, op_type: str, bits: int) -> Granularity:
         """The granularity a layer gets. The default (auto) follows the zoo's measurements:
@@ -171,11 +182,24 @@ class QuantConfig:
             return self.accuracy_level
         return 4 if bits == 8 and self.bits <= 4 else 0
 
+    def layer_bits(self, name: str, op_type: str, edge: bool) -> int:
+        """A layer's bit width: the plan's where it names the layer (0: kept float), else
+        --keep-first-last-bits for the first and last layers, --gather-bits for embedding
+        tables, --bits for the rest."""
+        planned = dict(self.bits_plan).get(name)
+        if planned is not None:
+            return planned
+        if edge and self.keep_first_last_bits:
+            return self.keep_first_last_bits
+        if op_type == "Gather" and self.gather_bits:
+            return self.gather_bits
+        return self.bits
+
     @property
     def all_bits(self) -> tuple[int, ...]:
         """Every bit width the output model will hold."""
         extra = tuple(b for b in (self.keep_first_last_bits, self.gather_bits) if b is not None)
-        return (self.bits, *extra)
+        return (self.bits, *extra, *(b for _, b in self.bits_plan if b))
 
     @property
     def required_opset(self) -> int:

@@ -115,3 +115,16 @@ def test_readme_shows_no_image_by_a_relative_path():
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)|<img[^>]+src=\"([^\"]+)\"", (ROOT / "README.md").read_text())
     relative = [a or b for a, b in images if not (a or b).startswith("https://")]
     assert not relative, relative
+
+
+def test_a_bits_plan_sets_each_named_layer_and_is_recorded(tmp_path):
+    plan = {"/0/Conv": 8, "/14/Gemm": 0, "/17/Gemm": 2}
+    result = onnxcomp.compress(MODELS / "digits_cnn.onnx", tmp_path / "q.onnx", bits=4, bits_plan=plan)
+    rows = {r.name: r for r in result.report.layers}
+    assert {name: rows[name].bits for name in plan} == {"/0/Conv": 8, "/14/Gemm": None, "/17/Gemm": 2}
+    assert rows["/14/Gemm"].note == "kept float by the bit plan" and rows["/14/Gemm"].bytes_after == rows["/14/Gemm"].bytes_before
+    assert all(r.bits == 4 for name, r in rows.items() if name not in plan)
+    props = {p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}
+    assert json.loads(props["onnxcomp.options"])["bits_plan"] == plan
+    with pytest.raises(onnxcomp.OnnxcompError, match="0 .float. or one of 2, 3, 4, 8"):
+        onnxcomp.compress(MODELS / "digits_cnn.onnx", bits=4, bits_plan={"/0/Conv": 5})

@@ -46,6 +46,8 @@ def skip_reason(layer: WeightLayer, config: QuantConfig) -> str | None:
     """Why a layer stays in float, or None to quantize it."""
     if config.exclude and re.search(config.exclude, layer.name):
         return f"excluded by --exclude {config.exclude!r}"
+    if dict(config.bits_plan).get(layer.name) == 0:
+        return "kept float by the bit plan"
     size = int(np.prod(layer.weight.shape))
     if size == 0:
         return "holds no elements (a dimension of size 0)"
@@ -226,9 +228,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         window, held = [], 0  # layers held back so that OPTQ can round those of one shape together
         modified = False
         for layer in layers:
-            bits = self.config.keep_first_last_bits if id(layer) in edge else self.config.bits
-            if layer.node.op_type == "Gather" and self.config.gather_bits:
-                bits = self.config.gather_bits
+            bits = self.config.layer_bits(layer.name, layer.node.op_type, id(layer) in edge)
             paired = None
             if sequential and not skip_reason(layer, self.config) and not shared(layer):
                 if window:  # the layers before this one must be quantized in the graph first

@@ -148,6 +148,24 @@ def _compress_and_pack(source: Path, target: Path, config, calibration, progress
     return report
 
 
+def _budget(options: dict):
+    """The bit allocator's target, or None when no budget option is given."""
+    given = [options[k] for k in ("target_bits", "target_size", "min_fidelity")]
+    if all(value is None for value in given):
+        if options["eval_inputs"] is not None:
+            raise ConfigError("--eval is for --min-fidelity; give that too, or drop --eval")
+        return None
+    from onnxcomp.budget import Budget, parse_size
+
+    try:
+        widths = tuple(sorted({int(b) for b in options["alloc_bits"].split(",")}))
+    except ValueError:
+        raise ConfigError(f"--alloc-bits {options['alloc_bits']!r} is not a comma-separated list of bit widths") from None
+    size = None if options["target_size"] is None else parse_size(options["target_size"])
+    return Budget(options["target_bits"], size, options["min_fidelity"], options["eval_inputs"], widths,
+                  coded=options["entropy_code"])
+
+
 def _load_config(ctx: click.Context, path: str | None) -> None:
     """--config: the file's options become the command's defaults (flags given still win)."""
     if path is None:
@@ -184,6 +202,8 @@ COMPRESS_SECTIONS = {
     "Rounding": ("rounding", "optq_damp", "optq_act_order", "bias_correction"),
     "Activations (W8A8 integer kernels)": ("act_bits", "act_calib", "percentile", "act_min_depth", "no_smooth",
                                            "smooth_alpha"),
+    "Bit allocation (bits per layer under a budget)": ("target_bits", "target_size", "min_fidelity", "eval_inputs",
+                                                        "alloc_bits"),
     "Output": ("output", "target", "entropy_code", "report_json", "no_check", "quiet", "config_file", "dump_config", "help"),
 }
 COMPRESS_EXAMPLES = (
@@ -193,6 +213,7 @@ COMPRESS_EXAMPLES = (
     "onnxcomp compress model.onnx --bits 8 --act-bits 8 --calib images/ --image-size 224 224 -o model.w8a8.onnx",
     "onnxcomp compress model.onnx --bits 2 --granularity block --asymmetric --magr --rounding optq --calib calib.npz "
     "--entropy-code -o model.onnxc",
+    "onnxcomp compress model.onnx --target-size 10MB --entropy-code --rounding optq --calib calib.npz -o model.onnxc",
 )
 
 
@@ -269,6 +290,17 @@ COMPRESS_EXAMPLES = (
                    "e.g. GatherBlockQuantized for 4-bit embedding tables) or portable (standard ONNX operators only).")
 @click.option("--entropy-code", is_flag=True, default=False,
               help="Write an .onnxc container (integer weights ANS-coded; `onnxcomp unpack` gives the QDQ model back).")
+@click.option("--target-bits", type=float, default=None,
+              help="Choose each layer's bits (or float) for this average of stored bits per weight (codes, scales, zero "
+                   "points) over the layers, where the measured end-to-end loss is least (see onnxcomp sensitivity).")
+@click.option("--target-size", default=None,
+              help="Choose each layer's bits for an output file of at most this size (bytes, or 9.5MB, 20MiB; the "
+                   "container with --entropy-code), within 2%% below it where the layers' choices allow.")
+@click.option("--min-fidelity", type=float, default=None,
+              help="Choose the smallest file whose lowest output cosine to FP32 on --eval inputs is at least this.")
+@click.option("--eval", "eval_inputs", type=click.Path(dir_okay=False), default=None,
+              help="With --min-fidelity: evaluation inputs (.npz keyed by input name), apart from the calibration data.")
+@click.option("--alloc-bits", default="2,3,4,8", help="The bit widths the allocator may give a layer, besides float.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("--no-check", is_flag=True, default=False,
               help="Skip the end-to-end check (the output against the input on a few calibration samples, with a "
@@ -310,10 +342,21 @@ def compress(model, **options):
     if source.is_file():
         check_free_space(target.resolve().parent, source.stat().st_size * max(config.bits, 4) // 16, "the output")
     warnings.showwarning = _show_warnings
-    if entropy_code:
-        report = _compress_and_pack(source, target, config, calibration, progress=not quiet, check=check)
+
+    def write(config, path: Path) -> tuple:
+        if entropy_code:
+            report = _compress_and_pack(source, path, config, calibration, progress=not quiet, check=check)
+            return report, report.totals["container size"]
+        report = compress_file(source, path, config, calibration=calibration, progress=not quiet, check=check)
+        return report, report.totals["file size after"]
+
+    budget = _budget(options)
+    if budget is None:
+        report, _ = write(config, target)
     else:
-        report = compress_file(source, target, config, calibration=calibration, progress=not quiet, check=check)
+        from onnxcomp.budget import compress_within
+
+        report = compress_within(source, target, budget, config, calibration, write, progress=not quiet)
     if report_json:
         write_text_atomic(report_json, report.to_json())
     if not quiet:

@@ -20,13 +20,14 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.config import QuantConfig
+from onnxcomp.container.format import coded_bytes
 from onnxcomp.fidelity import mean_cosine
 from onnxcomp.kernels.quantize import dequantize, grid_for, quantize
 from onnxcomp.layer_matrix import relative_output_error
 from onnxcomp.layers import WeightLayer, find_weight_layers, shared
 from onnxcomp.passes.fold_bn import FoldBatchNormPass
 from onnxcomp.passes.normalize import NormalizePass, default_opset
-from onnxcomp.passes.quantize_weights import layout, one_per_weight, skip_reason
+from onnxcomp.passes.quantize_weights import layout, one_per_weight, packed_bytes, skip_reason
 from onnxcomp.progress import stage
 from onnxcomp.report import Report, format_table
 from onnxcomp.runtime import make_session, run
@@ -37,6 +38,8 @@ class Point:
     """One layer quantized alone at one bit width."""
 
     bits: int
+    size: int  # bytes of the layer's codes, scales and zero points at these bits
+    coded_size: int  # the same with the codes and zero points at their entropy (the .onnxc container)
     cosine: float  # the lowest mean output cosine to FP32 over the float outputs
     kl: float | None  # mean KL(FP32 ‖ quantized) of the softmax over the last axis, for outputs named *logits*
     estimate: float | None  # tr(ΔWᵀHΔW)/tr(WᵀHW) on the calibration data; None without input statistics
@@ -47,6 +50,7 @@ class LayerSensitivity:
     name: str
     op: str
     weights: int
+    float_size: int  # bytes of the weight as stored (kept float)
     granularity: dict[int, str] = field(default_factory=dict)  # bits → the layout the point used
     points: list[Point] = field(default_factory=list)
 
@@ -117,7 +121,8 @@ class _OverridableWeights:
 
 def _point(layer: WeightLayer, w: np.ndarray, bits: int, config: QuantConfig, gram, session, batches, reference) -> tuple[Point, str]:
     axis, block_size, granularity, _ = layout(layer, config, bits)
-    w_hat = dequantize(quantize(w, grid_for(bits, config.asymmetric), axis=axis, block_size=block_size)).astype(w.dtype)
+    qt = quantize(w, grid_for(bits, config.asymmetric), axis=axis, block_size=block_size)
+    w_hat = dequantize(qt).astype(w.dtype)
     outputs: dict[str, list[np.ndarray]] = {}
     for feeds in batches:
         got = session.run({**feeds, layer.weight.name: w_hat}, f"the model with {layer.name} at {bits} bits")
@@ -132,7 +137,9 @@ def _point(layer: WeightLayer, w: np.ndarray, bits: int, config: QuantConfig, gr
         if _logits(name):
             kls.append(np.mean([mean_kl(r, q) for r, q in zip(expected, parts)]))
     estimate = None if gram is None else relative_output_error(layer, gram.matrix, w, w_hat)
-    point = Point(bits, float(min(cosines)) if cosines else 1.0, float(max(kls)) if kls else None, estimate)
+    zero_points = 0 if qt.zero_point is None else qt.zero_point.nbytes if qt.zero_point.dtype.kind == "f" else coded_bytes(qt.zero_point)
+    coded = coded_bytes(qt.q) + qt.scale.nbytes + zero_points
+    point = Point(bits, packed_bytes(qt, bits), coded, float(min(cosines)) if cosines else 1.0, float(max(kls)) if kls else None, estimate)
     return point, granularity
 
 
@@ -159,7 +166,7 @@ def measure_sensitivity(model: ir.Model, config: QuantConfig, calibration: Calib
     for layer in stage(layers, desc="sensitivity", unit="layer", enabled=progress):
         w = layer.weight.const_value.numpy()
         record = stats.layers.get(layer) if stats is not None else None
-        row = LayerSensitivity(layer.name, layer.node.op_type, int(w.size))
+        row = LayerSensitivity(layer.name, layer.node.op_type, int(w.size), int(w.nbytes))
         for b in bits:
             point, row.granularity[b] = _point(layer, w, b, config, record.gram if record else None, session, batches, reference)
             row.points.append(point)

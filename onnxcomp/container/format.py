@@ -139,6 +139,13 @@ def _entropy(counts: list[int]) -> float:
     return float(-(p * np.log2(p)).sum()) if c.sum() else 0.0
 
 
+def coded_bytes(symbols: np.ndarray) -> int:
+    """About what the container's coder stores for an integer tensor: its order-0 entropy
+    (what the bit allocator plans with; the file itself is measured after)."""
+    _, counts = np.unique(np.asarray(symbols).reshape(-1), return_counts=True)
+    return int(np.ceil(_entropy(counts.tolist()) * symbols.size / 8))
+
+
 def _json_size(value) -> int:
     return len(json.dumps(value, separators=(",", ":")))
 

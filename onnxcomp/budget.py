@@ -8,6 +8,7 @@ really has, a fidelity floor by bisection on the budget.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tempfile
@@ -23,6 +24,8 @@ from onnxcomp.errors import ConfigError
 from onnxcomp.modelio import input_files, load_model
 from onnxcomp.report import Report
 from onnxcomp.sensitivity import measure_sensitivity
+
+log = logging.getLogger(__name__)
 
 SIZE_TOLERANCE = 0.02  # a size target is met when the file is within 2% below it
 SIZE_ROUNDS = 5  # corrections of the size target at most
@@ -100,6 +103,8 @@ class _Trials:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report, written = self.write(config, self.path)
+        layers, loss = totals(plan)
+        log.debug("trial: layers %d bytes, predicted loss %.3g: file %d bytes", layers, loss, written)
         self.last = (plan, report, written, caught)
         return report, written
 
@@ -201,6 +206,7 @@ def _within_fidelity(source, budget: Budget, options: dict[str, list[Choice]],
         plan = allocate(options, middle)
         trials(plan)
         cosine = _min_cosine(source, trials.path, budget.evaluation)
+        log.debug("fidelity: layers' budget %.0f bytes: cosine %.5f", middle, cosine)
         if cosine >= budget.min_fidelity:
             best, high = (plan, cosine), float(totals(plan)[0])
         else:

@@ -85,8 +85,19 @@ class _OneLineGroup(click.Group):
 
 @click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="onnxcomp")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, default=False,
+              help="Also print debug events (each pass and its time, calibration sessions, the allocator's trials).")
+def main(verbose: bool) -> None:
     """Compress ONNX models: quantized weights that stock onnxruntime runs."""
+    import logging
+
+    root = logging.getLogger("onnxcomp")  # set on every call: in one process (tests, notebooks) runs differ
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("onnxcomp: debug: %(name)s: %(message)s"))
+        root.addHandler(handler)
 
 
 def _calibration_options(func):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,8 @@ from onnxcomp.passes.quantize_activations import QuantizeActivationsPass
 from onnxcomp.passes.quantize_weights import QuantizeWeightsPass
 from onnxcomp.passes.smooth import SmoothActivationsPass
 from onnxcomp.report import Report
+
+log = logging.getLogger(__name__)
 
 
 def build_passes(
@@ -68,7 +72,11 @@ def compress_model(
     report = Report()
     allowed: set[str] = set()  # NaN/Inf the input itself holds where no layer multiplies it
     for pass_ in build_passes(config, report, calibration, progress):
-        model = pass_(model).model
+        start = time.perf_counter()
+        result = pass_(model)
+        model = result.model
+        log.debug("%s: %s in %.2f s", getattr(pass_, "label", type(pass_).__name__),
+                  "modified" if result.modified else "unchanged", time.perf_counter() - start)
         if isinstance(pass_, NormalizePass):
             allowed = nonfinite_initializers(model)  # the lifted constants, as the model gave them
         else:

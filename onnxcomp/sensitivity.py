@@ -10,6 +10,7 @@ nothing recompiled per point.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from onnxcomp.passes.quantize_weights import layout, one_per_weight, packed_byte
 from onnxcomp.progress import stage
 from onnxcomp.report import Report, format_table
 from onnxcomp.runtime import make_session, run
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ def measure_sensitivity(model: ir.Model, config: QuantConfig, calibration: Calib
         for b in bits:
             point, row.granularity[b] = _point(layer, w, b, config, record.gram if record else None, session, batches, reference)
             row.points.append(point)
+            log.debug("%s at %d bits: 1 - cosine %.3g, estimate %s", layer.name, b, 1 - point.cosine, point.estimate)
         table.layers.append(row)
     return table
 

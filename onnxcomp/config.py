@@ -75,6 +75,9 @@ class QuantConfig:
     # decides them: (layer, bits) pairs, 0 for a layer kept float; layers not named follow
     # the options above.
     bits_plan: tuple[tuple[str, int], ...] = ()
+    # Rate-aware rounding: each code minimizes its squared error (in squared steps) plus
+    # rate_lambda times the bits the entropy coder spends on it; 0 rounds to nearest.
+    rate_lambda: float = 0.0
 
     def __post_init__(self) -> None:
         plan = self.bits_plan.items() if isinstance(self.bits_plan, dict) else self.bits_plan
@@ -143,6 +146,10 @@ class QuantConfig:
                 extra = ["no --range-search or --sqrt"] if self.range_search or self.sqrt else []
                 raise ConfigError(f"--zero-point float needs {', '.join(missing + extra)} (its grids span each block's own "
                                   "range, written as onnxruntime's MatMulNBits)")
+        if not 0.0 <= self.rate_lambda < math.inf:
+            raise ConfigError(f"--rate-lambda {self.rate_lambda} must be 0 or more and finite, for example 0.05")
+        if self.rate_lambda and self.sqrt:
+            raise ConfigError("--rate-lambda does not combine with --sqrt (its codes are not on a uniform grid); drop one")
         if self.accuracy_level not in (None, 0, 4):
             raise ConfigError(f"--accuracy-level {self.accuracy_level} is not supported; choose 0 (float) or 4 (int8 activations)")
         if self.target not in TARGETS:

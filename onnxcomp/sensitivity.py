@@ -23,11 +23,13 @@ from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.config import QuantConfig
 from onnxcomp.container.format import coded_bytes
 from onnxcomp.fidelity import mean_cosine
-from onnxcomp.kernels.quantize import dequantize, grid_for, quantize
+from onnxcomp.kernels.quantize import Quantized, dequantize, grid_for, quantize
+from onnxcomp.kernels.rate import rate_aware
 from onnxcomp.layer_matrix import relative_output_error
 from onnxcomp.layers import WeightLayer, find_weight_layers, shared
 from onnxcomp.passes.fold_bn import FoldBatchNormPass
 from onnxcomp.passes.normalize import NormalizePass, default_opset
+from onnxcomp.passes.optq import OptqJob, optq_quantize_all
 from onnxcomp.passes.quantize_weights import layout, one_per_weight, packed_bytes, skip_reason
 from onnxcomp.progress import stage
 from onnxcomp.report import Report, format_table
@@ -122,9 +124,28 @@ class _OverridableWeights:
         return run(self.session, feeds, what)
 
 
-def _point(layer: WeightLayer, w: np.ndarray, bits: int, config: QuantConfig, gram, session, batches, reference) -> tuple[Point, str]:
-    axis, block_size, granularity, _ = layout(layer, config, bits)
-    qt = quantize(w, grid_for(bits, config.asymmetric), axis=axis, block_size=block_size)
+def _rounded(layers: list[WeightLayer], grams: dict, config: QuantConfig, bits: int) -> dict[WeightLayer, tuple[Quantized, str]]:
+    """Each layer's codes at `bits`, rounded as compress would round it (to nearest, rate-aware
+    with --rate-lambda, or by OPTQ where the layer has input statistics), and its layout."""
+    found, jobs = {}, []
+    for layer in layers:
+        w = layer.weight.const_value.numpy()
+        axis, block_size, granularity, _ = layout(layer, config, bits)
+        grid = grid_for(bits, config.asymmetric)
+        qt = quantize(w, grid, axis=axis, block_size=block_size)
+        gram = grams.get(layer)
+        if config.rounding == "optq" and gram is not None and layer.node.op_type != "Gather":
+            jobs.append(OptqJob(layer, w, qt, grid, gram.matrix))
+        elif config.rounding == "nearest":
+            qt = rate_aware(w, qt, grid, config.rate_lambda)
+        found[layer] = (qt, granularity)
+    for job, outcome in zip(jobs, optq_quantize_all(jobs, config) if jobs else ()):
+        found[job.layer] = (outcome.qt, found[job.layer][1])
+    return found
+
+
+def _point(layer: WeightLayer, qt: Quantized, bits: int, gram, session, batches, reference) -> Point:
+    w = layer.weight.const_value.numpy()
     w_hat = dequantize(qt).astype(w.dtype)
     outputs: dict[str, list[np.ndarray]] = {}
     for feeds in batches:
@@ -142,15 +163,14 @@ def _point(layer: WeightLayer, w: np.ndarray, bits: int, config: QuantConfig, gr
     estimate = None if gram is None else relative_output_error(layer, gram.matrix, w, w_hat)
     zero_points = 0 if qt.zero_point is None else qt.zero_point.nbytes if qt.zero_point.dtype.kind == "f" else coded_bytes(qt.zero_point)
     coded = coded_bytes(qt.q) + qt.scale.nbytes + zero_points
-    point = Point(bits, packed_bytes(qt, bits), coded, float(min(cosines)) if cosines else 1.0, float(max(kls)) if kls else None, estimate)
-    return point, granularity
+    return Point(bits, packed_bytes(qt, bits), coded, float(min(cosines)) if cosines else 1.0, float(max(kls)) if kls else None, estimate)
 
 
 def measure_sensitivity(model: ir.Model, config: QuantConfig, calibration: Calibration, bits: tuple[int, ...],
                         progress: bool = False) -> SensitivityTable:
     """Every quantizable layer of `model` (changed in place: normalized, BatchNorms folded, as
-    compress sees it) quantized alone by round-to-nearest under `config`'s grid options, at
-    each of `bits`, measured end to end on the calibration batches."""
+    compress sees it) quantized alone under `config`'s grid and rounding (MagR and the range
+    search left out), at each of `bits`, measured end to end on the calibration batches."""
     report = Report()
     for pass_ in (NormalizePass(default_opset(model), report), FoldBatchNormPass(report), RemoveUnusedNodesPass()):
         model = pass_(model).model
@@ -160,22 +180,24 @@ def measure_sensitivity(model: ir.Model, config: QuantConfig, calibration: Calib
     batches = list(dataset.batches())
     measured = [layer for layer in layers if layer.rows_source is not None and not shared(layer)]
     stats = calibration.statistics(model, "the layer-wise estimate", layers=measured) if measured else None
+    grams = {} if stats is None else {layer: record.gram for layer, record in stats.layers.items()}
     session = _OverridableWeights(model, layers, calibration.device)
     reference: dict[str, list[np.ndarray]] = {}
     for feeds in batches:
         for name, value in session.run(feeds, "the model").items():
             reference.setdefault(name, []).append(value)
-    table = SensitivityTable([], tuple(bits), sum(len(next(iter(f.values()))) for f in batches), dataset.label)
-    for layer in stage(layers, desc="sensitivity", unit="layer", enabled=progress):
-        w = layer.weight.const_value.numpy()
-        record = stats.layers.get(layer) if stats is not None else None
-        row = LayerSensitivity(layer.name, layer.node.op_type, int(w.size), int(w.nbytes))
+    rows = {layer: LayerSensitivity(layer.name, layer.node.op_type, int(layer.weight.const_value.size),
+                                    int(layer.weight.const_value.nbytes)) for layer in layers}
+    with stage(total=len(layers) * len(bits), desc="sensitivity", unit="point", enabled=progress) as bar:
         for b in bits:
-            point, row.granularity[b] = _point(layer, w, b, config, record.gram if record else None, session, batches, reference)
-            row.points.append(point)
-            log.debug("%s at %d bits: 1 - cosine %.3g, estimate %s", layer.name, b, 1 - point.cosine, point.estimate)
-        table.layers.append(row)
-    return table
+            for layer, (qt, granularity) in _rounded(layers, grams, config, b).items():
+                point = _point(layer, qt, b, grams.get(layer), session, batches, reference)
+                rows[layer].points.append(point)
+                rows[layer].granularity[b] = granularity
+                log.debug("%s at %d bits: 1 - cosine %.3g, estimate %s", layer.name, b, 1 - point.cosine, point.estimate)
+                bar.update(1)
+    samples = sum(len(next(iter(f.values()))) for f in batches)
+    return SensitivityTable(list(rows.values()), tuple(bits), samples, dataset.label)
 
 
 def plot(table: SensitivityTable, path: str | Path) -> None:

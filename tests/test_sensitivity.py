@@ -38,12 +38,18 @@ def test_every_layer_at_every_bit_width(table):
         assert all(p["estimate"] > 0 and p["kl"] >= 0 for p in points.values())  # the output is named logits
 
 
-@pytest.mark.parametrize("name, bits", [("/14/Gemm", 2), ("/3/Conv", 3)])
-def test_a_point_equals_compressing_that_layer_alone(tmp_path, table, name, bits):
-    """The table's number is what compress gives with every other layer left float."""
+@pytest.mark.parametrize("name, bits, args", [("/14/Gemm", 2, []), ("/3/Conv", 3, []),
+                                             ("/10/Conv", 2, ["--rounding", "optq"]), ("/14/Gemm", 4, ["--rate-lambda", 0.3])])
+def test_a_point_equals_compressing_that_layer_alone(tmp_path, table, name, bits, args):
+    """The table's number is what compress gives, rounding as it does, with every other layer left float."""
+    if args:
+        result = invoke("sensitivity", DIGITS, "--calib", CALIB, "--bits", bits, *args, "--json", tmp_path / "s.json", "-q")
+        assert result.exit_code == 0, result.output
+        table = json.loads((tmp_path / "s.json").read_text())
     others = "|".join(layer["name"] for layer in table["layers"] if layer["name"] != name)
     out = tmp_path / "one.onnx"
-    result = invoke("compress", DIGITS, "--bits", bits, "--exclude", f"^({others})$", "-o", out, "--no-check", "-q")
+    result = invoke("compress", DIGITS, "--bits", bits, *args, "--exclude", f"^({others})$", "--calib", CALIB,
+                    "--calib-samples", 32, "-o", out, "--no-check", "-q")
     assert result.exit_code == 0, result.output
     images = np.load(CALIB)["image"][:32]
     batches = [{"image": images[i:i + 16]} for i in (0, 16)]

@@ -17,6 +17,7 @@ from onnxcomp.calibration.statistics import Gram
 from onnxcomp.config import Granularity, QuantConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.kernels.quantize import Grid, Quantized, dequantize, grid_for, positive_scales, quantize, relative_mse
+from onnxcomp.kernels.rate import rate_aware
 from onnxcomp.layer_matrix import relative_output_error
 from onnxcomp.layers import WeightLayer, computed_weight_sources, find_weight_layers, reduction_depth, shared, sharing_refusal, weight_consumers
 from onnxcomp.passes.bias_correction import correct_bias
@@ -299,6 +300,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             record.range_search = choice.summary
         else:
             planned.qt = quantize(w, planned.grid, axis=axis, block_size=block_size)
+            planned.w_hat = dequantize(planned.qt)
+        if self.config.rate_lambda and self.config.rounding == "nearest":
+            planned.qt = rate_aware(w, planned.qt, planned.grid, self.config.rate_lambda)
             planned.w_hat = dequantize(planned.qt)
         return planned
 

@@ -25,6 +25,7 @@ class Choice:
     bits: int  # FLOAT: the weight stays as stored
     size: int  # bytes
     loss: float  # predicted end-to-end loss of this layer at these bits (0 in float)
+    block_size: int | None = None  # its blocks, where blockwise
 
 
 def choices(table: SensitivityTable, coded: bool = False, allow_float: bool = True) -> dict[str, list[Choice]]:
@@ -32,7 +33,8 @@ def choices(table: SensitivityTable, coded: bool = False, allow_float: bool = Tr
     stored in an .onnx file, or with `coded` as the container's coder stores them."""
     found = {}
     for layer in table.layers:
-        options = [Choice(p.bits, p.coded_size if coded else p.size, max(0.0, 1.0 - p.cosine)) for p in layer.points]
+        options = [Choice(p.bits, p.coded_size if coded else p.size, max(0.0, 1.0 - p.cosine), p.block_size)
+                   for p in layer.points]
         if allow_float:
             options.append(Choice(FLOAT, layer.float_size, 0.0))
         found[layer.name] = options

@@ -52,6 +52,7 @@ class Budget:
     min_fidelity: float | None = None  # lowest mean output cosine to FP32 on `evaluation`
     evaluation: str | os.PathLike | None = None
     widths: tuple[int, ...] = (2, 3, 4, 8)
+    block_sizes: tuple[int, ...] = ()  # block sizes to choose from besides --block-size, for layers in blocks
     coded: bool = False  # sizes as the .onnxc container stores them (--entropy-code)
 
     def __post_init__(self) -> None:
@@ -68,6 +69,9 @@ class Budget:
                 raise ConfigError(f"--min-fidelity {self.min_fidelity} must be in (0, 1), for example 0.99")
             if self.evaluation is None:
                 raise ConfigError("--min-fidelity needs --eval FEEDS.npz: evaluation inputs, apart from the calibration data")
+        for size in self.block_sizes:
+            if size < 2 or size & (size - 1):
+                raise ConfigError(f"--alloc-blocks {size} is not a power of two >= 2 (for example 32,128)")
         if not self.widths or not set(self.widths) <= {2, 3, 4, 8}:
             raise ConfigError(f"--alloc-bits {','.join(map(str, self.widths))}: each bit width must be 2, 3, 4 or 8")
 
@@ -99,7 +103,8 @@ class _Trials:
         self.last: tuple[dict[str, Choice], Report, int, list] | None = None
 
     def __call__(self, plan: dict[str, Choice]) -> tuple[Report, int]:
-        config = dataclasses.replace(self.config, bits_plan=tuple((name, c.bits) for name, c in plan.items()))
+        config = dataclasses.replace(self.config, bits_plan=tuple((name, c.bits) for name, c in plan.items()),
+                                     block_plan=tuple((name, c.block_size) for name, c in plan.items() if c.block_size))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report, written = self.write(config, self.path)
@@ -126,7 +131,7 @@ def _note(report: Report, plan: dict[str, Choice], what: str) -> None:
     size, loss = totals(plan)
     counts: dict[str, int] = {}
     for choice in plan.values():
-        label = "float" if choice.bits == 0 else f"{choice.bits} bits"
+        label = "float" if choice.bits == 0 else f"{choice.bits} bits" + (f" in blocks of {choice.block_size}" if choice.block_size else "")
         counts[label] = counts.get(label, 0) + 1
     layers = ", ".join(f"{n} at {label}" for label, n in sorted(counts.items()))
     report.totals["bit allocation"] = f"{what}: {layers}; layers {size:,} bytes, predicted loss {loss:.3g}"
@@ -136,7 +141,8 @@ def compress_within(source: str | os.PathLike, target: str | os.PathLike, budget
                     calibration: Calibration, write: Write, progress: bool = False) -> Report:
     """Measure every layer's sensitivity, allocate bits under `budget`, write with `write`,
     and correct until the budget holds; return the report of the file left at `target`."""
-    table = measure_sensitivity(load_model(source), config, calibration, budget.widths, progress=progress)
+    table = measure_sensitivity(load_model(source), config, calibration, budget.widths, progress=progress,
+                                block_sizes=budget.block_sizes)
     calibration.mark_stale()  # the statistics belong to the model measured, not the one compress loads
     options = choices(table, coded=budget.coded)
     target = Path(target)

@@ -168,13 +168,16 @@ def _budget(options: dict):
         return None
     from onnxcomp.budget import Budget, parse_size
 
-    try:
-        widths = tuple(sorted({int(b) for b in options["alloc_bits"].split(",")}))
-    except ValueError:
-        raise ConfigError(f"--alloc-bits {options['alloc_bits']!r} is not a comma-separated list of bit widths") from None
+    def integers(option: str) -> tuple[int, ...]:
+        text = options[option.lstrip("-").replace("-", "_")]
+        try:
+            return tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+        except ValueError:
+            raise ConfigError(f"{option} {text!r} is not a comma-separated list of integers") from None
+
     size = None if options["target_size"] is None else parse_size(options["target_size"])
-    return Budget(options["target_bits"], size, options["min_fidelity"], options["eval_inputs"], widths,
-                  coded=options["entropy_code"])
+    return Budget(options["target_bits"], size, options["min_fidelity"], options["eval_inputs"], integers("--alloc-bits"),
+                  integers("--alloc-blocks"), coded=options["entropy_code"])
 
 
 def _load_config(ctx: click.Context, path: str | None) -> None:
@@ -214,7 +217,7 @@ COMPRESS_SECTIONS = {
     "Activations (W8A8 integer kernels)": ("act_bits", "act_calib", "percentile", "act_min_depth", "no_smooth",
                                            "smooth_alpha"),
     "Bit allocation (bits per layer under a budget)": ("target_bits", "target_size", "min_fidelity", "eval_inputs",
-                                                        "alloc_bits"),
+                                                        "alloc_bits", "alloc_blocks"),
     "Output": ("output", "target", "entropy_code", "report_json", "no_check", "quiet", "config_file", "dump_config", "help"),
 }
 COMPRESS_EXAMPLES = (
@@ -316,6 +319,9 @@ COMPRESS_EXAMPLES = (
 @click.option("--eval", "eval_inputs", type=click.Path(dir_okay=False), default=None,
               help="With --min-fidelity: evaluation inputs (.npz keyed by input name), apart from the calibration data.")
 @click.option("--alloc-bits", default="2,3,4,8", help="The bit widths the allocator may give a layer, besides float.")
+@click.option("--alloc-blocks", default="",
+              help="Block sizes the allocator may give a layer in blocks, besides --block-size (for example 128,256: "
+                   "fewer scales, fewer bytes). Default: --block-size only.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("--no-check", is_flag=True, default=False,
               help="Skip the end-to-end check (the output against the input on a few calibration samples, with a "

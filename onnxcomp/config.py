@@ -75,17 +75,25 @@ class QuantConfig:
     # decides them: (layer, bits) pairs, 0 for a layer kept float; layers not named follow
     # the options above.
     bits_plan: tuple[tuple[str, int], ...] = ()
+    # Block sizes chosen per layer (by name) in the same way, for layers the granularity puts
+    # in blocks; the others take block_size.
+    block_plan: tuple[tuple[str, int], ...] = ()
     # Rate-aware rounding: each code minimizes its squared error (in squared steps) plus
     # rate_lambda times the bits the entropy coder spends on it; 0 rounds to nearest.
     rate_lambda: float = 0.0
 
     def __post_init__(self) -> None:
-        plan = self.bits_plan.items() if isinstance(self.bits_plan, dict) else self.bits_plan
-        object.__setattr__(self, "bits_plan", tuple(sorted((str(name), int(bits)) for name, bits in plan)))
+        for field in ("bits_plan", "block_plan"):
+            plan = getattr(self, field)
+            plan = plan.items() if isinstance(plan, dict) else plan
+            object.__setattr__(self, field, tuple(sorted((str(name), int(value)) for name, value in plan)))
         for name, bits in self.bits_plan:
             if bits != 0 and bits not in SUPPORTED_BITS:
                 raise ConfigError(f"the bit plan gives layer {name!r} {bits} bits; choose 0 (float) or one of "
                                   f"{', '.join(map(str, SUPPORTED_BITS))}")
+        for name, size in self.block_plan:
+            if size < 2 or size & (size - 1):
+                raise ConfigError(f"the block plan gives layer {name!r} blocks of {size}; choose a power of two >= 2")
         try:
             object.__setattr__(self, "granularity", Granularity(self.granularity))
         except ValueError:
@@ -166,7 +174,7 @@ class QuantConfig:
         """Every option by name, values as plain JSON/TOML types."""
         plain = {f.name: (v.value if isinstance(v, enum.Enum) else v) for f in dataclasses.fields(self)
                  for v in (getattr(self, f.name),)}
-        return {**plain, "bits_plan": dict(self.bits_plan)}
+        return {**plain, "bits_plan": dict(self.bits_plan), "block_plan": dict(self.block_plan)}
 
     def layer_granularity(self, op_type: str, bits: int) -> Granularity:
         """The granularity a layer gets. The default (auto) follows the zoo's measurements:
@@ -201,6 +209,10 @@ class QuantConfig:
         if op_type == "Gather" and self.gather_bits:
             return self.gather_bits
         return self.bits
+
+    def layer_block_size(self, name: str) -> int:
+        """A blockwise layer's block size: the block plan's where it names the layer, else --block-size."""
+        return dict(self.block_plan).get(name, self.block_size)
 
     @property
     def all_bits(self) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ nothing recompiled per point.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,8 @@ class Point:
     """One layer quantized alone at one bit width."""
 
     bits: int
+    granularity: str  # the layout it used: channel, block32, ...
+    block_size: int | None  # its blocks, None when not blockwise
     size: int  # bytes of the layer's codes, scales and zero points at these bits
     coded_size: int  # the same with the codes and zero points at their entropy (the .onnxc container)
     cosine: float  # the lowest mean output cosine to FP32 over the float outputs
@@ -56,7 +59,6 @@ class LayerSensitivity:
     op: str
     weights: int
     float_size: int  # bytes of the weight as stored (kept float)
-    granularity: dict[int, str] = field(default_factory=dict)  # bits → the layout the point used
     points: list[Point] = field(default_factory=list)
 
 
@@ -79,7 +81,9 @@ class SensitivityTable:
         rows = []
         for layer in self.layers:
             row = [layer.name, layer.op, f"{layer.weights:,}"]
-            by_bits = {p.bits: p for p in layer.points}
+            by_bits = {}
+            for p in layer.points:  # the first layout measured at each width (several with block sizes to choose from)
+                by_bits.setdefault(p.bits, p)
             for bits in self.bits:
                 p = by_bits.get(bits)
                 row += ["-", "-", "-"] if p is None else [
@@ -144,7 +148,7 @@ def _rounded(layers: list[WeightLayer], grams: dict, config: QuantConfig, bits: 
     return found
 
 
-def _point(layer: WeightLayer, qt: Quantized, bits: int, gram, session, batches, reference) -> Point:
+def _point(layer: WeightLayer, qt: Quantized, bits: int, granularity: str, gram, session, batches, reference) -> Point:
     w = layer.weight.const_value.numpy()
     w_hat = dequantize(qt).astype(w.dtype)
     outputs: dict[str, list[np.ndarray]] = {}
@@ -163,14 +167,16 @@ def _point(layer: WeightLayer, qt: Quantized, bits: int, gram, session, batches,
     estimate = None if gram is None else relative_output_error(layer, gram.matrix, w, w_hat)
     zero_points = 0 if qt.zero_point is None else qt.zero_point.nbytes if qt.zero_point.dtype.kind == "f" else coded_bytes(qt.zero_point)
     coded = coded_bytes(qt.q) + qt.scale.nbytes + zero_points
-    return Point(bits, packed_bytes(qt, bits), coded, float(min(cosines)) if cosines else 1.0, float(max(kls)) if kls else None, estimate)
+    cosine, kl = float(min(cosines)) if cosines else 1.0, float(max(kls)) if kls else None
+    return Point(bits, granularity, qt.block_size, packed_bytes(qt, bits), coded, cosine, kl, estimate)
 
 
 def measure_sensitivity(model: ir.Model, config: QuantConfig, calibration: Calibration, bits: tuple[int, ...],
-                        progress: bool = False) -> SensitivityTable:
+                        progress: bool = False, block_sizes: tuple[int, ...] = ()) -> SensitivityTable:
     """Every quantizable layer of `model` (changed in place: normalized, BatchNorms folded, as
     compress sees it) quantized alone under `config`'s grid and rounding (MagR and the range
-    search left out), at each of `bits`, measured end to end on the calibration batches."""
+    search left out), at each of `bits`, measured end to end on the calibration batches.
+    Layers in blocks are measured at `config.block_size` and at each of `block_sizes` too."""
     report = Report()
     for pass_ in (NormalizePass(default_opset(model), report), FoldBatchNormPass(report), RemoveUnusedNodesPass()):
         model = pass_(model).model
@@ -188,14 +194,19 @@ def measure_sensitivity(model: ir.Model, config: QuantConfig, calibration: Calib
             reference.setdefault(name, []).append(value)
     rows = {layer: LayerSensitivity(layer.name, layer.node.op_type, int(layer.weight.const_value.size),
                                     int(layer.weight.const_value.nbytes)) for layer in layers}
-    with stage(total=len(layers) * len(bits), desc="sensitivity", unit="point", enabled=progress) as bar:
+    extra_blocks = [size for size in dict.fromkeys(block_sizes) if size != config.block_size]
+    with stage(desc="sensitivity", unit="point", enabled=progress) as bar:
         for b in bits:
-            for layer, (qt, granularity) in _rounded(layers, grams, config, b).items():
-                point = _point(layer, qt, b, grams.get(layer), session, batches, reference)
-                rows[layer].points.append(point)
-                rows[layer].granularity[b] = granularity
-                log.debug("%s at %d bits: 1 - cosine %.3g, estimate %s", layer.name, b, 1 - point.cosine, point.estimate)
-                bar.update(1)
+            for block_size in (config.block_size, *extra_blocks):
+                setting = dataclasses.replace(config, block_size=block_size)
+                blocked = [l for l in layers if layout(l, setting, b)[1] == block_size]
+                for layer, (qt, granularity) in _rounded(layers if block_size == config.block_size else blocked, grams,
+                                                         setting, b).items():
+                    point = _point(layer, qt, b, granularity, grams.get(layer), session, batches, reference)
+                    rows[layer].points.append(point)
+                    log.debug("%s at %d bits, %s: 1 - cosine %.3g, estimate %s", layer.name, b, granularity,
+                              1 - point.cosine, point.estimate)
+                    bar.update(1)
     samples = sum(len(next(iter(f.values()))) for f in batches)
     return SensitivityTable(list(rows.values()), tuple(bits), samples, dataset.label)
 

@@ -128,3 +128,13 @@ def test_a_bits_plan_sets_each_named_layer_and_is_recorded(tmp_path):
     assert json.loads(props["onnxcomp.options"])["bits_plan"] == plan
     with pytest.raises(onnxcomp.OnnxcompError, match="0 .float. or one of 2, 3, 4, 8"):
         onnxcomp.compress(MODELS / "digits_cnn.onnx", bits=4, bits_plan={"/0/Conv": 5})
+
+
+def test_a_block_plan_sets_each_named_layers_blocks():
+    result = onnxcomp.compress(MODELS / "digits_cnn.onnx", bits=4, granularity="block", block_size=16,
+                               block_plan={"/14/Gemm": 64})
+    rows = {r.name: r.granularity for r in result.report.layers}
+    assert rows["/14/Gemm"] == "block64" and rows["/17/Gemm"] == "block16"
+    assert result.report.options["block_plan"] == {"/14/Gemm": 64}
+    with pytest.raises(onnxcomp.OnnxcompError, match="power of two"):
+        onnxcomp.compress(MODELS / "digits_cnn.onnx", bits=4, block_plan={"/14/Gemm": 48})

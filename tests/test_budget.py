@@ -82,3 +82,11 @@ def test_budget_options_are_checked(tmp_path):
     _one_line_error(invoke("compress", DIGITS, "--eval", EVAL, "-o", out), "--min-fidelity")
     _one_line_error(invoke("compress", DIGITS, "--target-size", "ten", "-o", out), "not a size")
     assert (parse_size("9.5MB"), parse_size("2KiB"), parse_size("123")) == (9_500_000, 2048, 123)
+
+
+def test_the_allocator_chooses_block_sizes_too(tmp_path):
+    out, report = _compress(tmp_path, "q.onnx", "--target-size", 22_000, "--block-size", 16, "--alloc-blocks", 64)
+    assert out.stat().st_size <= 22_000
+    assert 64 in report["options"]["block_plan"].values()  # the larger blocks' fewer scales bought something
+    by_name = {r["name"]: r["granularity"] for r in report["layers"]}
+    assert all(by_name[name] == f"block{size}" for name, size in report["options"]["block_plan"].items())

@@ -77,10 +77,10 @@ def layout(layer: WeightLayer, config: QuantConfig, bits: int | None = None) -> 
         # axis takes one dimension only, and the directions are another).
         return layer.reduction_axis, shape[layer.reduction_axis], "channel", ""
     if granularity is Granularity.BLOCK:
-        depth = shape[layer.reduction_axis]
-        if depth % config.block_size == 0:
-            return layer.reduction_axis, config.block_size, f"block{config.block_size}", ""
-        note = f"reduction size {depth} is not a multiple of --block-size {config.block_size}; per-channel used"
+        depth, block_size = shape[layer.reduction_axis], config.layer_block_size(layer.name)
+        if depth % block_size == 0:
+            return layer.reduction_axis, block_size, f"block{block_size}", ""
+        note = f"reduction size {depth} is not a multiple of --block-size {block_size}; per-channel used"
         return layer.channel_axis, None, "channel", note
     return layer.channel_axis, None, "channel", ""
 

@@ -137,11 +137,10 @@ def _rounded(layers: list[WeightLayer], grams: dict, config: QuantConfig, bits: 
         axis, block_size, granularity, _ = layout(layer, config, bits)
         grid = grid_for(bits, config.asymmetric)
         qt = quantize(w, grid, axis=axis, block_size=block_size)
+        qt = rate_aware(w, qt, grid, config.rate_lambda)
         gram = grams.get(layer)
         if config.rounding == "optq" and gram is not None and layer.node.op_type != "Gather":
-            jobs.append(OptqJob(layer, w, qt, grid, gram.matrix))
-        elif config.rounding == "nearest":
-            qt = rate_aware(w, qt, grid, config.rate_lambda)
+            jobs.append(OptqJob(layer, w, qt, grid, gram.matrix, rate_lambda=config.rate_lambda))
         found[layer] = (qt, granularity)
     for job, outcome in zip(jobs, optq_quantize_all(jobs, config) if jobs else ()):
         found[job.layer] = (outcome.qt, found[job.layer][1])

@@ -34,6 +34,19 @@ class DynamicBlocks:
     ratio_low: np.ndarray | float = 1.0
 
 
+@dataclass(frozen=True)
+class RateTerm:
+    """Rate-aware rounding inside the sweep: each row's code minimizes its error, in squared
+    steps weighted by what an error in that row costs the outputs (1/U_rr², relative to the
+    row mean), plus `lam` times its bits under `costs` (groups, levels: −log₂ p per level,
+    index q − qmin). `fallback`: the codes a column falls back to where OPTQ's error is no
+    smaller (rate-aware round to nearest), (groups, reduction, outputs)."""
+
+    lam: float
+    costs: np.ndarray
+    fallback: np.ndarray
+
+
 @dataclass
 class OptqResult:
     codes: np.ndarray  # (groups, reduction, outputs) int32
@@ -152,7 +165,21 @@ def _block_starts(dynamic: DynamicBlocks | None) -> dict[int, np.ndarray]:
     return starts
 
 
-def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch_rows: int, scale_dtype):
+def _rate_aware_row(row, s, z, grid: Grid, lam: float, costs, importance):
+    """Codes and decoded values of one row under the rate term: of the nearest level and its
+    two neighbours, the one with the least importance·(distance in steps)² + lam·bits."""
+    torch = load_torch()
+    position = row / s + (0.0 if z is None else z)
+    nearest = position.round().clamp(grid.qmin, grid.qmax)
+    candidates = torch.stack([(nearest + step).clamp(grid.qmin, grid.qmax) for step in (-1.0, 0.0, 1.0)])
+    bits = torch.gather(costs.expand(3, *costs.shape), 2, (candidates - grid.qmin).long())
+    cost = (position - candidates).square_().mul_(importance) + lam * bits
+    q = candidates.gather(0, cost.argmin(dim=0, keepdim=True))[0]
+    return q, (q - (0.0 if z is None else z)) * s
+
+
+def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch_rows: int, scale_dtype,
+                rate: RateTerm | None = None):
     """The OPTQ sweep over the rows of m (updated in place, as are s and z for dynamic
     blocks); the codes."""
     torch = load_torch()
@@ -167,6 +194,9 @@ def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch
     bounds = sorted(set(range(0, m.shape[1], batch_rows)) | set(starts) | {m.shape[1]})
     inverse_diagonal = 1.0 / torch.diagonal(upper, dim1=-2, dim2=-1)[:, :, None]
     codes = torch.empty_like(m)
+    if rate is not None:
+        importance = inverse_diagonal.square() / inverse_diagonal.square().mean(dim=1, keepdim=True)
+        costs = torch.as_tensor(rate.costs, dtype=m.dtype, device=m.device)
     for start, end in zip(bounds[:-1], bounds[1:]):
         if start in starts:
             members = torch.tensor(starts[start], device=m.device)
@@ -179,12 +209,18 @@ def _round_rows(m, s, z, upper, grid: Grid, dynamic: DynamicBlocks | None, batch
         u = upper[:, start:end, start:end]
         for i in range(end - start):
             row, error = part[:, i], errors[:, i]
-            decoded = _decode_rounded(row, s[:, start + i], None if z is None else z[:, start + i], grid)
+            zero = None if z is None else z[:, start + i]
+            if rate is None:
+                decoded = _decode_rounded(row, s[:, start + i], zero, grid)
+            else:
+                codes[:, start + i], decoded = _rate_aware_row(row, s[:, start + i], zero, grid, rate.lam, costs,
+                                                               importance[:, start + i])
             torch.sub(row, decoded, out=error)
             error.mul_(inverse_diagonal[:, start + i])
             if i + 1 < end - start:
                 part[:, i + 1 :].baddbmm_(u[:, i, i + 1 :, None], error[:, None, :], alpha=-1)
-        codes[:, start:end], _ = _round(part, s[:, start:end], None if z is None else z[:, start:end], grid)
+        if rate is None:
+            codes[:, start:end], _ = _round(part, s[:, start:end], None if z is None else z[:, start:end], grid)
         m[:, end:].baddbmm_(upper[:, start:end, end:].transpose(1, 2), errors, alpha=-1)
     return codes
 
@@ -203,6 +239,7 @@ def optq(
     batch_rows: int = 128,
     scale_dtype=np.float32,
     device: str = "cpu",
+    rate: RateTerm | None = None,
 ) -> OptqResult:
     """Round `matrix` (groups, reduction, outputs) onto `grid` under `scale`/`zero_point`
     (that shape, every element's own), compensating errors through H = `gram` (groups or 1,
@@ -211,7 +248,8 @@ def optq(
     `act_order` rounds rows in order of decreasing H diagonal (the most used inputs first);
     with `dynamic` blocks it keeps the given scales instead (blocks would be visited out of
     order). Each output channel keeps whichever of OPTQ and round-to-nearest (under the given
-    scales) has the smaller δᵀHδ: OPTQ is never worse, even where dampening hurts.
+    scales) has the smaller δᵀHδ: OPTQ is never worse, even where dampening hurts. With `rate`, codes
+    are chosen rate-aware and the fallback is `rate.fallback` instead of round-to-nearest.
     """
     torch = load_torch()
     dev = torch_device(device)
@@ -242,14 +280,14 @@ def optq(
     # values already); the errors that decide what is kept, in float64.
     upper, lam = _inverse_cholesky(h_ordered, damp, f32)
     s, z = s.to(f32), None if z is None else z.to(f32)
-    codes = _round_rows(m.to(f32), s, z, upper, grid, dynamic, batch_rows, scale_dtype).to(f64)
+    codes = _round_rows(m.to(f32), s, z, upper, grid, dynamic, batch_rows, scale_dtype, rate).to(f64)
     s, z = s.to(f64), None if z is None else z.to(f64)
     if order is not None:
         back = torch.argsort(order, dim=-1)[:, :, None].expand(groups, rows, outputs)
         codes, s = codes.gather(1, back), s.gather(1, back)
         z = None if z is None else z.gather(1, back)
 
-    nearest, _ = _round(m0, given_s, given_z, grid)
+    nearest = _round(m0, given_s, given_z, grid)[0] if rate is None else tensor(rate.fallback)
     stored = _torch_dtype(scale_dtype)
 
     def error_of(c, zp, sc):

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxcomp.config import QuantConfig
-from onnxcomp.kernels.optq import DynamicBlocks, OptqResult, optq
+from onnxcomp.kernels.optq import DynamicBlocks, OptqResult, RateTerm, optq
 from onnxcomp.kernels.quantize import Grid, Quantized, collapse, expand
+from onnxcomp.kernels.rate import code_costs
 from onnxcomp.layer_matrix import weight_from_matrix, weight_matrix
 from onnxcomp.layers import WeightLayer
 
@@ -36,6 +37,7 @@ class OptqJob:
     gram: np.ndarray  # (1 or groups, reduction, reduction)
     ratio_high: np.ndarray | float = 1.0
     ratio_low: np.ndarray | float = 1.0
+    rate_lambda: float = 0.0  # > 0: codes rate-aware, `qt` holding rate-aware round to nearest's
 
 
 @dataclass
@@ -54,6 +56,7 @@ class _Problem:
     scale: np.ndarray
     zero_point: np.ndarray | None
     dynamic: DynamicBlocks | None
+    rate: RateTerm | None = None
 
 
 def _as_matrix(layer: WeightLayer, param, qt: Quantized, shape) -> np.ndarray:
@@ -79,7 +82,7 @@ def _key(job: OptqJob, row_blocks: np.ndarray | None) -> tuple:
     """Jobs with equal keys can share one kernel call."""
     shape = weight_matrix(job.layer, job.w).shape[1:]
     blocks = None if row_blocks is None else row_blocks.tobytes()
-    return (shape, job.grid, job.qt.scale.dtype.str, job.qt.zero_point is None, blocks)
+    return (shape, job.grid, job.qt.scale.dtype.str, job.qt.zero_point is None, blocks, job.rate_lambda)
 
 
 def _problem(job: OptqJob, row_blocks: np.ndarray | None) -> _Problem:
@@ -89,12 +92,18 @@ def _problem(job: OptqJob, row_blocks: np.ndarray | None) -> _Problem:
     if row_blocks is not None:
         ratios = [r if np.ndim(r) == 0 else _as_matrix(layer, r, qt, shape) for r in (job.ratio_high, job.ratio_low)]
         dynamic = DynamicBlocks(row_blocks, *ratios)
+    rate = None
+    if job.rate_lambda:  # one code histogram per layer, the same for each of its groups
+        fallback = weight_matrix(layer, job.qt.q.astype(np.float64))
+        costs = np.tile(code_costs(job.qt.q, job.grid), (fallback.shape[0], 1))
+        rate = RateTerm(job.rate_lambda, costs, fallback)
     return _Problem(
         matrix=matrix,
         gram=np.broadcast_to(job.gram, (matrix.shape[0],) + job.gram.shape[1:]),
         scale=_as_matrix(layer, qt.scale, qt, shape),
         zero_point=None if qt.zero_point is None else _as_matrix(layer, qt.zero_point, qt, shape),
         dynamic=dynamic,
+        rate=rate,
     )
 
 
@@ -113,12 +122,16 @@ def _stack(problems: list[_Problem]) -> _Problem:
     dynamic = None
     if first.dynamic is not None:
         dynamic = DynamicBlocks(first.dynamic.row_block, ratios("ratio_high"), ratios("ratio_low"))
+    rate = None
+    if first.rate is not None:
+        rate = RateTerm(first.rate.lam, cat([p.rate.costs for p in problems]), cat([p.rate.fallback for p in problems]))
     return _Problem(
         matrix=cat([p.matrix for p in problems]),
         gram=cat([p.gram for p in problems]),
         scale=cat([p.scale for p in problems]),
         zero_point=None if first.zero_point is None else cat([p.zero_point for p in problems]),
         dynamic=dynamic,
+        rate=rate,
     )
 
 
@@ -184,6 +197,7 @@ def optq_quantize_all(jobs: list[OptqJob], config: QuantConfig, *, device: str =
             dynamic=stacked.dynamic,
             scale_dtype=first.qt.scale.dtype,
             device=device,
+            rate=stacked.rate,
         )
         start = 0
         for index, size in zip(batch, sizes):

@@ -301,7 +301,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         else:
             planned.qt = quantize(w, planned.grid, axis=axis, block_size=block_size)
             planned.w_hat = dequantize(planned.qt)
-        if self.config.rate_lambda and self.config.rounding == "nearest":
+        if self.config.rate_lambda:  # OPTQ falls back to these codes, and plans its rate with their histogram
             planned.qt = rate_aware(w, planned.qt, planned.grid, self.config.rate_lambda)
             planned.w_hat = dequantize(planned.qt)
         return planned
@@ -309,7 +309,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     def _round_together(self, graph: ir.Graph, names: NameAllocator, window: list[_Planned], bar) -> None:
         """OPTQ over the window's layers in as few kernel calls as their shapes allow, then
         each weight replaced."""
-        jobs = [OptqJob(p.layer, p.w, p.qt, p.grid, p.gram.matrix, **p.ratios) for p in window]
+        jobs = [OptqJob(p.layer, p.w, p.qt, p.grid, p.gram.matrix, **p.ratios, rate_lambda=self.config.rate_lambda)
+                for p in window]
         device = self.calibration.device if self.calibration is not None else "cpu"
         outcomes = optq_quantize_all(jobs, self.config, device=device, done=bar.update)
         for planned, outcome in zip(window, outcomes):

@@ -4,8 +4,8 @@ and bit width, beside the layer-wise estimate tr(ΔWᵀHΔW)/tr(WᵀHW) the pass
 The layer-wise estimate does not see how an error travels to the outputs; this measures it.
 Every layer's weight becomes an input of one onnxruntime session that keeps its float value
 as the default, so each (layer, bits) point is one run over the calibration batches with
-that one weight fed as its round-to-nearest decoded value: one session for the whole table,
-nothing recompiled per point.
+that one weight fed decoded (rounded as compress rounds it): one session for the whole
+table, nothing recompiled per point. The bit allocator plans with these points.
 """
 
 from __future__ import annotations

@@ -311,15 +311,15 @@ COMPRESS_EXAMPLES = (
 @click.option("--target-bits", type=float, default=None,
               help="Choose each layer's bits (or float) for this average of stored bits per weight (codes, scales, zero "
                    "points) over the layers, where the measured end-to-end loss is least (see onnxcomp sensitivity).")
-@click.option("--target-size", default=None,
+@click.option("--target-size", default=None, metavar="SIZE",
               help="Choose each layer's bits for an output file of at most this size (bytes, or 9.5MB, 20MiB; the "
-                   "container with --entropy-code), within 2%% below it where the layers' choices allow.")
+                   "container with --entropy-code), within 2% below it where the layers' choices allow.")
 @click.option("--min-fidelity", type=float, default=None,
               help="Choose the smallest file whose lowest output cosine to FP32 on --eval inputs is at least this.")
 @click.option("--eval", "eval_inputs", type=click.Path(dir_okay=False), default=None,
               help="With --min-fidelity: evaluation inputs (.npz keyed by input name), apart from the calibration data.")
-@click.option("--alloc-bits", default="2,3,4,8", help="The bit widths the allocator may give a layer, besides float.")
-@click.option("--alloc-blocks", default="",
+@click.option("--alloc-bits", default="2,3,4,8", metavar="LIST", help="The bit widths the allocator may give a layer, besides float.")
+@click.option("--alloc-blocks", default="", metavar="LIST", show_default=False,
               help="Block sizes the allocator may give a layer in blocks, besides --block-size (for example 128,256: "
                    "fewer scales, fewer bytes). Default: --block-size only.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")

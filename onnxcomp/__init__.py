@@ -15,6 +15,7 @@ _EXPORTS = {
     "QuantConfig": "onnxcomp.config",
     "OnnxcompError": "onnxcomp.errors",
     "compress": "onnxcomp.api",
+    "Budget": "onnxcomp.budget",
     "Result": "onnxcomp.api",
     "compress_file": "onnxcomp.pipeline",
     "verify": "onnxcomp.fidelity",

@@ -19,6 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxcomp.calibration.analysis import Calibration
+from onnxcomp.budget import Budget, compress_within
 from onnxcomp.calibration.sources import CalibOptions
 from onnxcomp.config import QuantConfig
 from onnxcomp.errors import ConfigError, InvalidModelError
@@ -74,21 +75,44 @@ def _as_ir(model) -> ir.Model:
 
 
 def compress(model, output: str | os.PathLike | None = None, *, bits: int = 4, calibration=None,
-             calib_samples: int = 128, calib_batch: int = 16, check: bool = True, **options) -> Result:
+             calib_samples: int = 128, calib_batch: int = 16, check: bool = True, budget: Budget | None = None,
+             **options) -> Result:
     """Compress `model` (a path, onnx.ModelProto or onnx_ir.Model) with the options of
     `onnxcomp compress` (QuantConfig's fields: granularity, block_size, asymmetric, rounding,
     magr, range_search, act_bits, ...); write it to `output` when given.
 
     `calibration`: a path (.npz or folder), a Calibration, any iterable of feed dicts, or
     any object with get_next() (onnxruntime's CalibrationDataReader protocol); None for
-    synthetic inputs where a pass needs data. Errors are `onnxcomp.OnnxcompError`, one line each.
+    synthetic inputs where a pass needs data. `budget` (an `onnxcomp.Budget`: size,
+    bits_per_weight or min_fidelity with evaluation) lets the bit allocator choose each
+    layer's bits; it needs `model` as a path and an `output`. Errors are
+    `onnxcomp.OnnxcompError`, one line each.
     """
     config = _config(bits, options)
     calib = calibration_from(calibration, CalibOptions(samples=calib_samples, batch=calib_batch))
     source = model if isinstance(model, (str, os.PathLike)) else None
+    if budget is not None:
+        return _compress_within(source, output, budget, config, calib, check)
     if output is None:
         compressed, report = compress_model(_as_ir(model), config, calibration=calib)
         return Result(compressed, report)
     check_outputs(source, output) if source is not None else check_output_path(output)
     compressed, report = compress_to_file(_as_ir(model), output, config, source=source, calibration=calib, check=check)
     return Result(compressed, report, Path(output))
+
+
+def _compress_within(source, output, budget: Budget, config: QuantConfig, calibration: Calibration, check: bool) -> Result:
+    if source is None or output is None:
+        raise ConfigError("a budget needs the model as a path and an output path: the allocator writes its trial "
+                          "files beside the output and measures them")
+    check_outputs(source, output)
+    written = {}
+
+    def write(trial_config: QuantConfig, path: Path) -> tuple[Report, int]:
+        model, report = compress_to_file(load_model(source), path, trial_config, source=source,
+                                         calibration=calibration, check=check)
+        written["model"] = model  # the last file written is the one kept
+        return report, report.totals["file size after"]
+
+    report = compress_within(source, output, budget, config, calibration, write)
+    return Result(written["model"], report, Path(output))

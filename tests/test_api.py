@@ -138,3 +138,15 @@ def test_a_block_plan_sets_each_named_layers_blocks():
     assert result.report.options["block_plan"] == {"/14/Gemm": 64}
     with pytest.raises(onnxcomp.OnnxcompError, match="power of two"):
         onnxcomp.compress(MODELS / "digits_cnn.onnx", bits=4, block_plan={"/14/Gemm": 48})
+
+
+def test_a_budget_through_the_api(tmp_path):
+    budget = onnxcomp.Budget(size=25_000)
+    result = onnxcomp.compress(MODELS / "digits_cnn.onnx", tmp_path / "q.onnx", bits=4,
+                               calibration=MODELS / "digits_calib.npz", budget=budget)
+    assert 0.98 * 25_000 <= (tmp_path / "q.onnx").stat().st_size <= 25_000
+    assert result.report.options["bits_plan"] and "bit allocation" in result.report.totals
+    assert {r.name: r.bits for r in result.report.layers if r.bits} == {
+        name: bits for name, bits in result.report.options["bits_plan"].items() if bits}
+    with pytest.raises(onnxcomp.OnnxcompError, match="needs the model as a path"):
+        onnxcomp.compress(onnx.load(MODELS / "digits_cnn.onnx"), tmp_path / "r.onnx", budget=budget)

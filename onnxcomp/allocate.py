@@ -28,15 +28,14 @@ class Choice:
     block_size: int | None = None  # its blocks, where blockwise
 
 
-def choices(table: SensitivityTable, coded: bool = False, allow_float: bool = True) -> dict[str, list[Choice]]:
+def choices(table: SensitivityTable, coded: bool = False) -> dict[str, list[Choice]]:
     """Each measured layer's options, from the sensitivity table (and float); sizes as
     stored in an .onnx file, or with `coded` as the container's coder stores them."""
     found = {}
     for layer in table.layers:
         options = [Choice(p.bits, p.coded_size if coded else p.size, max(0.0, 1.0 - p.cosine), p.block_size)
                    for p in layer.points]
-        if allow_float:
-            options.append(Choice(FLOAT, layer.float_size, 0.0))
+        options.append(Choice(FLOAT, layer.float_size, 0.0))
         found[layer.name] = options
     return found
 

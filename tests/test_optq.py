@@ -218,7 +218,9 @@ def test_rate_aware_optq_spends_fewer_bits_and_compensates_the_error(asymmetric)
     """With a rate term OPTQ's codes take fewer bits under their histogram, and its error
     stays below rate-aware round to nearest's at the same λ (the sweep spreads it)."""
     from onnxcomp.kernels.optq import RateTerm
-    from onnxcomp.kernels.rate import code_costs, entropy_bits, rate_aware
+    from onnxcomp.kernels.rate import code_costs, rate_aware
+
+    from test_rate import entropy_bits
 
     w, gram = problem(3, None)
     grid, qt, s, z = given_scales(w, 4, asymmetric, None)

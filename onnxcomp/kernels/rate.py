@@ -51,9 +51,3 @@ def rate_aware(w: np.ndarray, qt: Quantized, grid: Grid, lam: float, importance:
         codes = chosen
     return Quantized(codes.astype(np.int32), qt.scale, qt.zero_point, qt.axis, qt.block_size)
 
-
-def entropy_bits(codes: np.ndarray) -> float:
-    """Order-0 entropy of the codes, in bits per code (what the coder approaches)."""
-    _, counts = np.unique(codes, return_counts=True)
-    p = counts / counts.sum()
-    return float(-(p * np.log2(p)).sum())

@@ -31,7 +31,7 @@ from onnxcomp.layers import WeightLayer, find_weight_layers, shared
 from onnxcomp.passes.fold_bn import FoldBatchNormPass
 from onnxcomp.passes.normalize import NormalizePass, default_opset
 from onnxcomp.passes.optq import OptqJob, optq_quantize_all
-from onnxcomp.passes.quantize_weights import layout, one_per_weight, packed_bytes, skip_reason
+from onnxcomp.policy import layout, one_per_weight, packed_bytes, skip_reason
 from onnxcomp.progress import stage
 from onnxcomp.report import Report, format_table
 from onnxcomp.runtime import make_session, run

@@ -14,7 +14,7 @@ from onnxcomp.config import QuantConfig
 from onnxcomp.kernels.magr import magr
 from onnxcomp.layer_matrix import relative_output_error, weight_from_matrix, weight_matrix
 from onnxcomp.layers import WeightLayer, find_weight_layers, shared
-from onnxcomp.passes.quantize_weights import layout, skip_reason
+from onnxcomp.policy import layout, skip_reason
 from onnxcomp.report import MagrRecord, Report
 
 # A Gram matrix whose largest eigenvalue per row of data is below this holds no signal.

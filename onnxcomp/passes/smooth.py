@@ -21,7 +21,7 @@ from onnxcomp.config import QuantConfig
 from onnxcomp.layer_matrix import weight_from_matrix, weight_matrix
 from onnxcomp.layers import WeightLayer, find_weight_layers, shared
 from onnxcomp.passes.graph_edit import NameAllocator, add_initializer
-from onnxcomp.passes.quantize_weights import skip_reason
+from onnxcomp.policy import skip_reason
 from onnxcomp.report import Report
 
 

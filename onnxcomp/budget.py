@@ -8,6 +8,7 @@ really has, a fidelity floor by bisection on the budget.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ from onnxcomp.config import QuantConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.modelio import input_files, load_model
 from onnxcomp.report import Report
-from onnxcomp.sensitivity import measure_sensitivity
+from onnxcomp.sensitivity import ROUNDING_OPTIONS, SensitivityTable, measure_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Budget:
     widths: tuple[int, ...] = (2, 3, 4, 8)
     block_sizes: tuple[int, ...] = ()  # block sizes to choose from besides --block-size, for layers in blocks
     coded: bool = False  # sizes as the .onnxc container stores them (--entropy-code)
+    sensitivity: str | os.PathLike | None = None  # a table from `onnxcomp sensitivity --json`, instead of measuring
 
     def __post_init__(self) -> None:
         given = [name for name, value in (("--target-bits", self.bits_per_weight), ("--target-size", self.size),
@@ -108,6 +110,10 @@ class _Trials:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report, written = self.write(config, self.path)
+        unknown = sorted(set(plan) - {record.name for record in report.layers})
+        if unknown:
+            raise ConfigError(f"the sensitivity table names layers this model does not have ({', '.join(unknown[:3])}"
+                              f"{', …' if len(unknown) > 3 else ''}); measure the table on this model")
         layers, loss = totals(plan)
         log.debug("trial: layers %d bytes, predicted loss %.3g: file %d bytes", layers, loss, written)
         self.last = (plan, report, written, caught)
@@ -141,13 +147,31 @@ def compress_within(source: str | os.PathLike, target: str | os.PathLike, budget
                     calibration: Calibration, write: Write, progress: bool = False) -> Report:
     """Measure every layer's sensitivity, allocate bits under `budget`, write with `write`,
     and correct until the budget holds; return the report of the file left at `target`."""
-    table = measure_sensitivity(load_model(source), config, calibration, budget.widths, progress=progress,
-                                block_sizes=budget.block_sizes)
-    calibration.mark_stale()  # the statistics belong to the model measured, not the one compress loads
+    if budget.sensitivity is not None:
+        table = _stored_table(budget.sensitivity, config)
+    else:
+        table = measure_sensitivity(load_model(source), config, calibration, budget.widths, progress=progress,
+                                    block_sizes=budget.block_sizes)
+        calibration.mark_stale()  # the statistics belong to the model measured, not the one compress loads
     options = choices(table, coded=budget.coded)
     target = Path(target)
     with tempfile.TemporaryDirectory(dir=target.resolve().parent, prefix=".onnxcomp-budget-") as folder:
         return _search(source, budget, table, options, _Trials(write, config, target, Path(folder)))
+
+
+def _stored_table(path: str | os.PathLike, config: QuantConfig) -> SensitivityTable:
+    """A table measured earlier, checked against the options that decide its points."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--sensitivity {path}: cannot read it ({err})") from None
+    table = SensitivityTable.from_dict(data, f"--sensitivity {path}")
+    now = {name: value for name, value in config.as_dict().items() if name in ROUNDING_OPTIONS}
+    differ = sorted(name for name in ROUNDING_OPTIONS if table.options.get(name) != now[name])
+    if differ:
+        raise ConfigError(f"--sensitivity {path} was measured with other {', '.join(differ)} "
+                          f"({', '.join(f'{n}={table.options.get(n)!r}' for n in differ)}); measure it with these options")
+    return table
 
 
 def _search(source, budget: Budget, table, options: dict[str, list[Choice]], trials: _Trials) -> Report:

@@ -163,8 +163,10 @@ def _budget(options: dict):
     """The bit allocator's target, or None when no budget option is given."""
     given = [options[k] for k in ("target_bits", "target_size", "min_fidelity")]
     if all(value is None for value in given):
-        if options["eval_inputs"] is not None:
-            raise ConfigError("--eval is for --min-fidelity; give that too, or drop --eval")
+        for flag, key in (("--eval", "eval_inputs"), ("--sensitivity", "sensitivity_table")):
+            if options[key] is not None:
+                raise ConfigError(f"{flag} is for a budget (--target-size, --target-bits or --min-fidelity); give one, "
+                                  f"or drop {flag}")
         return None
     from onnxcomp.budget import Budget, parse_size
 
@@ -177,7 +179,7 @@ def _budget(options: dict):
 
     size = None if options["target_size"] is None else parse_size(options["target_size"])
     return Budget(options["target_bits"], size, options["min_fidelity"], options["eval_inputs"], integers("--alloc-bits"),
-                  integers("--alloc-blocks"), coded=options["entropy_code"])
+                  integers("--alloc-blocks"), coded=options["entropy_code"], sensitivity=options["sensitivity_table"])
 
 
 def _load_config(ctx: click.Context, path: str | None) -> None:
@@ -217,7 +219,7 @@ COMPRESS_SECTIONS = {
     "Activations (W8A8 integer kernels)": ("act_bits", "act_calib", "percentile", "act_min_depth", "no_smooth",
                                            "smooth_alpha"),
     "Bit allocation (bits per layer under a budget)": ("target_bits", "target_size", "min_fidelity", "eval_inputs",
-                                                        "alloc_bits", "alloc_blocks"),
+                                                        "alloc_bits", "alloc_blocks", "sensitivity_table"),
     "Output": ("output", "target", "entropy_code", "report_json", "no_check", "quiet", "config_file", "dump_config", "help"),
 }
 COMPRESS_EXAMPLES = (
@@ -322,6 +324,9 @@ COMPRESS_EXAMPLES = (
 @click.option("--alloc-blocks", default="", metavar="LIST", show_default=False,
               help="Block sizes the allocator may give a layer in blocks, besides --block-size (for example 128,256: "
                    "fewer scales, fewer bytes). Default: --block-size only.")
+@click.option("--sensitivity", "sensitivity_table", type=click.Path(dir_okay=False), default=None,
+              help="With a budget: the layers' points from `onnxcomp sensitivity --json` (same grid and rounding "
+                   "options) instead of measuring them again; --alloc-bits and --alloc-blocks are then what it holds.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
 @click.option("--no-check", is_flag=True, default=False,
               help="Skip the end-to-end check (the output against the input on a few calibration samples, with a "

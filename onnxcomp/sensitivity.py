@@ -23,6 +23,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxcomp.calibration.analysis import Calibration
 from onnxcomp.config import QuantConfig
 from onnxcomp.container.format import coded_bytes
+from onnxcomp.errors import ConfigError
 from onnxcomp.fidelity import mean_cosine
 from onnxcomp.kernels.quantize import Quantized, dequantize, grid_for, quantize
 from onnxcomp.kernels.rate import rate_aware
@@ -62,16 +63,31 @@ class LayerSensitivity:
     points: list[Point] = field(default_factory=list)
 
 
+# The options a table's points depend on: a table is reused only under the same ones.
+ROUNDING_OPTIONS = ("granularity", "block_size", "asymmetric", "rounding", "rate_lambda")
+
+
 @dataclass
 class SensitivityTable:
     layers: list[LayerSensitivity]
     bits: tuple[int, ...]
     samples: int
     source: str  # where the calibration samples came from
+    options: dict = field(default_factory=dict)  # ROUNDING_OPTIONS as measured
 
     def to_dict(self) -> dict:
         return {"bits": list(self.bits), "samples": self.samples, "calibration": self.source,
-                "layers": [asdict(layer) for layer in self.layers]}
+                "options": self.options, "layers": [asdict(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> SensitivityTable:
+        """A table as `to_dict` (onnxcomp sensitivity --json) wrote it."""
+        try:
+            layers = [LayerSensitivity(**{**layer, "points": [Point(**p) for p in layer["points"]]}) for layer in data["layers"]]
+            return cls(layers, tuple(data["bits"]), int(data["samples"]), str(data["calibration"]), dict(data["options"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"{where} is not a sensitivity table written by `onnxcomp sensitivity --json` "
+                              f"({type(err).__name__}: {err}); measure it again") from None
 
     def to_table(self) -> str:
         """One row per layer: 1 − cosine at each bit width (the end-to-end loss) and the estimate."""
@@ -167,7 +183,8 @@ def _point(layer: WeightLayer, qt: Quantized, bits: int, granularity: str, gram,
     zero_points = 0 if qt.zero_point is None else qt.zero_point.nbytes if qt.zero_point.dtype.kind == "f" else coded_bytes(qt.zero_point)
     coded = coded_bytes(qt.q) + qt.scale.nbytes + zero_points
     cosine, kl = float(min(cosines)) if cosines else 1.0, float(max(kls)) if kls else None
-    return Point(bits, granularity, qt.block_size, packed_bytes(qt, bits), coded, cosine, kl, estimate)
+    block_size = qt.block_size if granularity.startswith("block") else None  # a recurrent row's one "block" is per channel
+    return Point(bits, granularity, block_size, packed_bytes(qt, bits), coded, cosine, kl, estimate)
 
 
 def measure_sensitivity(model: ir.Model, config: QuantConfig, calibration: Calibration, bits: tuple[int, ...],
@@ -207,7 +224,8 @@ def measure_sensitivity(model: ir.Model, config: QuantConfig, calibration: Calib
                               1 - point.cosine, point.estimate)
                     bar.update(1)
     samples = sum(len(next(iter(f.values()))) for f in batches)
-    return SensitivityTable(list(rows.values()), tuple(bits), samples, dataset.label)
+    options = {name: value for name, value in config.as_dict().items() if name in ROUNDING_OPTIONS}
+    return SensitivityTable(list(rows.values()), tuple(bits), samples, dataset.label, options)
 
 
 def plot(table: SensitivityTable, path: str | Path) -> None:

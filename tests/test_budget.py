@@ -90,3 +90,43 @@ def test_the_allocator_chooses_block_sizes_too(tmp_path):
     assert 64 in report["options"]["block_plan"].values()  # the larger blocks' fewer scales bought something
     by_name = {r["name"]: r["granularity"] for r in report["layers"]}
     assert all(by_name[name] == f"block{size}" for name, size in report["options"]["block_plan"].items())
+
+
+def test_a_stored_sensitivity_table_gives_the_same_file_without_measuring(tmp_path):
+    table = tmp_path / "s.json"
+    result = invoke("sensitivity", DIGITS, "--calib", CALIB, "--calib-samples", 128, "--json", table, "-q")
+    assert result.exit_code == 0, result.output
+    measured, _ = _compress(tmp_path, "a.onnx", "--target-size", 25_000)
+    stored, report = _compress(tmp_path, "b.onnx", "--target-size", 25_000, "--sensitivity", table)
+    assert stored.read_bytes() == measured.read_bytes()
+    assert "bit allocation" in report["totals"]
+
+
+def test_a_stored_table_must_match_the_options_and_the_model(tmp_path):
+    table = tmp_path / "s.json"
+    assert invoke("sensitivity", DIGITS, "--calib", CALIB, "--asymmetric", "--json", table, "-q").exit_code == 0
+    out = tmp_path / "q.onnx"
+    _one_line_error(invoke("compress", DIGITS, "--target-size", 25_000, "--sensitivity", table, "-o", out, "-q"),
+                    "asymmetric", "measure it with these options")
+    crnn = MODELS / "digits_crnn.onnx"
+    other = tmp_path / "crnn.json"
+    assert invoke("sensitivity", crnn, "--calib", MODELS / "crnn_calib.npz", "--json", other, "-q").exit_code == 0
+    out.write_bytes(b"an earlier file")
+    _one_line_error(invoke("compress", DIGITS, "--target-size", 25_000, "--sensitivity", other, "--calib", CALIB,
+                           "-o", out, "-q"), "layers this model does not have")
+    assert out.read_bytes() == b"an earlier file"
+    (tmp_path / "bad.json").write_text("{}")
+    _one_line_error(invoke("compress", DIGITS, "--target-size", 25_000, "--sensitivity", tmp_path / "bad.json", "-o", out),
+                    "not a sensitivity table")
+    _one_line_error(invoke("compress", DIGITS, "--sensitivity", table, "-o", out), "is for a budget")
+
+
+def test_the_allocator_on_a_model_with_an_lstm(tmp_path):
+    """A recurrent layer's per-channel scales are stored as blocks as long as a row: not a block size to plan."""
+    out = tmp_path / "q.onnx"
+    result = invoke("compress", MODELS / "digits_crnn.onnx", "--target-bits", 4, "--calib", MODELS / "crnn_calib.npz",
+                    "-o", out, "--report-json", tmp_path / "r.json", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {"/lstm/LSTM:W", "/lstm/LSTM:R"} <= set(report["options"]["bits_plan"])
+    assert not set(report["options"]["block_plan"]) & {"/lstm/LSTM:W", "/lstm/LSTM:R"}

@@ -493,9 +493,9 @@ SENSITIVITY_EXAMPLES = (
 def sensitivity(model, bits_list, granularity, block_size, asymmetric, exclude, rounding, rate_lambda, device, json_path,
                 plot_path, quiet, **calib):
     """For every layer of MODEL and each bit width: the end-to-end effect on the outputs of
-    quantizing that layer alone (round to nearest; 1 − cosine to FP32, KL for outputs named
-    *logits*), beside the layer-wise estimate tr(ΔWᵀHΔW)/tr(WᵀHW). On --calib data (synthetic
-    inputs with a warning without it); --calib-samples defaults to 32 here."""
+    quantizing that layer alone (rounded as --rounding says; 1 − cosine to FP32, KL for outputs
+    named *logits*), beside the layer-wise estimate tr(ΔWᵀHΔW)/tr(WᵀHW). On --calib data
+    (synthetic inputs with a warning without it); --calib-samples is 32 here unless given."""
     from onnxcomp.calibration.analysis import Calibration
     from onnxcomp.modelio import check_outputs, load_model, write_text_atomic
     from onnxcomp.sensitivity import measure_sensitivity, plot

@@ -24,7 +24,7 @@ from onnxcomp.config import QuantConfig
 from onnxcomp.errors import ConfigError
 from onnxcomp.modelio import input_files, load_model
 from onnxcomp.report import Report
-from onnxcomp.sensitivity import ROUNDING_OPTIONS, SensitivityTable, measure_sensitivity
+from onnxcomp.sensitivity import ROUNDING_OPTIONS, SensitivityTable, measure_sensitivity, rounding_options
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,24 @@ class Budget:
 Write = Callable[[QuantConfig, Path], tuple[Report, int]]  # compress to a path; (report, bytes written)
 
 
-def _min_cosine(reference: str | os.PathLike, candidate: str | os.PathLike, evaluation: str | os.PathLike) -> float:
-    """The lowest mean cosine of any float output, candidate against reference, on the inputs."""
-    from onnxcomp.feeds import check_feeds, input_specs, load_npz
-    from onnxcomp.fidelity import mean_cosine
-    from onnxcomp.session import InferenceSession
+class _Fidelity:
+    """The lowest mean cosine of any float output of a candidate file against the reference
+    model's, on the evaluation inputs (read, and run through the reference, once)."""
 
-    feeds = check_feeds(load_npz(evaluation), input_specs(load_model(reference)), str(evaluation))
-    expected = InferenceSession(reference).run(None, feeds)
-    got = InferenceSession(candidate).run(None, feeds)
-    scores = [mean_cosine(e, g) for e, g in zip(expected, got) if e.dtype.kind == "f"]
-    return min(scores) if scores else 1.0
+    def __init__(self, reference: str | os.PathLike, evaluation: str | os.PathLike):
+        from onnxcomp.feeds import check_feeds, input_specs, load_npz
+        from onnxcomp.session import InferenceSession
+
+        self.feeds = check_feeds(load_npz(evaluation), input_specs(load_model(reference)), str(evaluation))
+        self.expected = InferenceSession(reference).run(None, self.feeds)
+
+    def __call__(self, candidate: str | os.PathLike) -> float:
+        from onnxcomp.fidelity import mean_cosine
+        from onnxcomp.session import InferenceSession
+
+        got = InferenceSession(candidate).run(None, self.feeds)
+        scores = [mean_cosine(e, g) for e, g in zip(self.expected, got) if e.dtype.kind == "f"]
+        return min(scores) if scores else 1.0
 
 
 class _Trials:
@@ -166,7 +173,7 @@ def _stored_table(path: str | os.PathLike, config: QuantConfig) -> SensitivityTa
     except (OSError, ValueError) as err:
         raise ConfigError(f"--sensitivity {path}: cannot read it ({err})") from None
     table = SensitivityTable.from_dict(data, f"--sensitivity {path}")
-    now = {name: value for name, value in config.as_dict().items() if name in ROUNDING_OPTIONS}
+    now = rounding_options(config)
     differ = sorted(name for name in ROUNDING_OPTIONS if table.options.get(name) != now[name])
     if differ:
         raise ConfigError(f"--sensitivity {path} was measured with other {', '.join(differ)} "
@@ -229,13 +236,14 @@ def _within_fidelity(source, budget: Budget, options: dict[str, list[Choice]],
     low = float(sum(min(c.size for c in layer) for layer in options.values()))
     high = float(sum(max(c.size for c in layer) for layer in options.values()))
     best = (allocate(options, high), 1.0)  # (plan, cosine) of the smallest budget known to hold
+    fidelity = _Fidelity(source, budget.evaluation)
     for _ in range(FIDELITY_ROUNDS):
         if high - low <= 0.01 * high:
             break
         middle = (low + high) / 2
         plan = allocate(options, middle)
         trials(plan)
-        cosine = _min_cosine(source, trials.path, budget.evaluation)
+        cosine = fidelity(trials.path)
         log.debug("fidelity: layers' budget %.0f bytes: cosine %.5f", middle, cosine)
         if cosine >= budget.min_fidelity:
             best, high = (plan, cosine), float(totals(plan)[0])

@@ -67,6 +67,11 @@ class LayerSensitivity:
 ROUNDING_OPTIONS = ("granularity", "block_size", "asymmetric", "rounding", "rate_lambda")
 
 
+def rounding_options(config: QuantConfig) -> dict:
+    """The ROUNDING_OPTIONS of `config`, as a table records them."""
+    return {name: value for name, value in config.as_dict().items() if name in ROUNDING_OPTIONS}
+
+
 @dataclass
 class SensitivityTable:
     layers: list[LayerSensitivity]
@@ -112,13 +117,15 @@ def _logits(name: str) -> bool:
     return "logit" in name.lower()
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax along the last axis, in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
 def mean_kl(reference: np.ndarray, quantized: np.ndarray) -> float:
     """Mean over positions of KL(softmax(reference) ‖ softmax(quantized)) along the last axis."""
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        shifted = x - x.max(axis=-1, keepdims=True)
-        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
     log_p, log_q = log_softmax(reference), log_softmax(quantized)
     return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
 
@@ -154,8 +161,8 @@ def _rounded(layers: list[WeightLayer], grams: dict, config: QuantConfig, bits: 
         grid = grid_for(bits, config.asymmetric)
         qt = quantize(w, grid, axis=axis, block_size=block_size)
         qt = rate_aware(w, qt, grid, config.rate_lambda)
-        gram = grams.get(layer)
-        if config.rounding == "optq" and gram is not None and layer.node.op_type != "Gather":
+        gram = grams.get(layer)  # none for an embedding table: it has no inputs to balance
+        if config.rounding == "optq" and gram is not None:
             jobs.append(OptqJob(layer, w, qt, grid, gram.matrix, rate_lambda=config.rate_lambda))
         found[layer] = (qt, granularity)
     for job, outcome in zip(jobs, optq_quantize_all(jobs, config) if jobs else ()):
@@ -224,8 +231,7 @@ def measure_sensitivity(model: ir.Model, config: QuantConfig, calibration: Calib
                               1 - point.cosine, point.estimate)
                     bar.update(1)
     samples = sum(len(next(iter(f.values()))) for f in batches)
-    options = {name: value for name, value in config.as_dict().items() if name in ROUNDING_OPTIONS}
-    return SensitivityTable(list(rows.values()), tuple(bits), samples, dataset.label, options)
+    return SensitivityTable(list(rows.values()), tuple(bits), samples, dataset.label, rounding_options(config))
 
 
 def plot(table: SensitivityTable, path: str | Path) -> None:

@@ -73,15 +73,11 @@ def ensure(key: str) -> ZooModel:
 # --- task metrics, each against the FP32 model's own outputs ------------------------------
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def language_model_metrics(reference: np.ndarray, logits: np.ndarray, input_ids: np.ndarray) -> dict[str, float]:
     """Perplexity of the next tokens, top-1 agreement of the predicted next token with the
     FP32 model's, and the mean KL(FP32 ‖ quantized) per position. Logits [N, T, V]."""
+    from onnxcomp.sensitivity import log_softmax
+
     targets = input_ids[:, 1:]
     ref, out = log_softmax(reference[:, :-1]), log_softmax(logits[:, :-1])
     nll = -np.take_along_axis(out, targets[..., None], axis=-1).mean()
